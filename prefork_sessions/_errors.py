@@ -1,0 +1,42 @@
+"""One error tree for the whole package, rooted at :class:`SessionStoreError`.
+
+Each subclass also inherits the builtin that fits, so callers can catch either
+(``except ValueError`` keeps working for a value too large for a page).
+Messages name the path or the limit and say how to fix the problem.
+"""
+
+from __future__ import annotations
+
+
+class SessionStoreError(Exception):
+    """Root of every error raised by prefork_sessions."""
+
+
+class UnsafeFileError(SessionStoreError, PermissionError):
+    """The store file is a symlink, not a regular file, owned by another user,
+    or writable by group or others; it was left untouched."""
+
+
+class FileFormatError(SessionStoreError, OSError):
+    """The file at the store's path is not a store file this version can use
+    (wrong magic, format version or size); it was left untouched."""
+
+
+class ValueTooLargeError(SessionStoreError, ValueError):
+    """A key or value cannot fit in one page; the key's old value is kept."""
+
+
+class SerializationError(SessionStoreError, TypeError, ValueError):
+    """A value could not be serialised (or a stored value deserialised)."""
+
+
+class LockTimeoutError(SessionStoreError, TimeoutError):
+    """A page lock was not acquired within the store's ``lock_timeout``."""
+
+
+class ReentrantCallError(SessionStoreError, RuntimeError):
+    """The store was called from inside a ``get_and_set`` callback."""
+
+
+class StoreClosedError(SessionStoreError, ValueError):
+    """The store was used after :meth:`MmapStore.close`."""
