@@ -1,0 +1,82 @@
+"""gunicorn settings for prefork_sessions: ``gunicorn -c gunicorn_conf.py``.
+
+Serves the demo app (``prefork_sessions.demo:app``) on 127.0.0.1:8000 with every
+worker sharing one session file.  Environment variables (defaults in brackets):
+
+    PREFORK_SESSIONS_BIND     address to listen on            [127.0.0.1:8000]
+    PREFORK_SESSIONS_WORKERS  worker processes                [4]
+    PREFORK_SESSIONS_THREADS  threads per worker; >1 = gthread [1]
+    PREFORK_SESSIONS_PRELOAD  1 to load the app in the master [0]
+    PREFORK_SESSIONS_APP      the WSGI app, module:name      [prefork_sessions.demo:app]
+    PREFORK_SESSIONS_PATH     session file                    [<tempdir>/prefork_sessions_demo_session_data]
+    PREFORK_SESSIONS_SIZE     session file size in bytes, used when it is created [16777216]
+
+Command-line options override these (``gunicorn -c gunicorn_conf.py -w 8 --preload``).
+For your own app, set PREFORK_SESSIONS_APP and open your MmapStore at
+PREFORK_SESSIONS_PATH, or copy this file and change the names.
+"""
+
+import os
+
+from prefork_sessions import MmapStore
+
+PATH_ENV = "PREFORK_SESSIONS_PATH"  # also read by prefork_sessions.demo
+SIZE_ENV = "PREFORK_SESSIONS_SIZE"  # also read by prefork_sessions.demo
+APP_NAME = "prefork_sessions_demo"  # names the default path, as in prefork_sessions.demo
+
+
+def _env_int(name, default):
+    raw = os.environ.get(name, "")
+    try:
+        return int(raw) if raw else default
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer") from None
+
+
+bind = os.environ.get("PREFORK_SESSIONS_BIND", "127.0.0.1:8000")
+workers = _env_int("PREFORK_SESSIONS_WORKERS", 4)
+threads = _env_int("PREFORK_SESSIONS_THREADS", 1)  # gunicorn runs gthread workers when > 1
+preload_app = os.environ.get("PREFORK_SESSIONS_PRELOAD", "0").lower() in ("1", "true", "yes", "on")
+wsgi_app = os.environ.get("PREFORK_SESSIONS_APP", "prefork_sessions.demo:app")
+
+
+def on_starting(server):
+    """Master, once, before any worker exists: create the session file or check the
+    existing one, so a bad path, owner or mode stops gunicorn here with a clear
+    error instead of failing in every worker.  The resolved path is put in the
+    environment the workers inherit, so they all open this very file."""
+    store = MmapStore(
+        os.environ.get(PATH_ENV) or None,
+        app_name=APP_NAME,
+        cache_size=_env_int(SIZE_ENV, 16 << 20),
+    )
+    try:
+        mode = os.stat(store.path).st_mode & 0o777
+        server.log.info(
+            "session store %s: %d pages of %d bytes, mode %04o",
+            store.path, store.num_pages, store.page_size, mode,
+        )
+    finally:
+        store.close()  # the master never serves requests: workers open their own
+    os.environ[PATH_ENV] = store.path
+
+
+def post_fork(server, worker):
+    """Each worker, right after fork: with preload_app the app (and its store)
+    were created in the master, so give this worker its own descriptor and
+    mapping of the same file.  Nothing is re-initialised or truncated.  Without
+    preload_app the worker imports the app after this hook and opens the file
+    itself.  (The store also detects a fork on its own; this makes it explicit
+    and early.)"""
+    app = getattr(server.app, "callable", None)  # set in the master only with preload_app
+    store = getattr(app, "session_store", None)  # set by with_session / SessionMiddleware
+    if store is not None:
+        store.reopen()
+
+
+def child_exit(server, worker):
+    """Master, after a worker exited, even after SIGKILL (worker_exit does not run
+    then).  The store needs no clean-up: the kernel released the dead worker's
+    page locks with its file descriptions, and a page it was writing is
+    repaired by the next writer that locks it."""
+    server.log.debug("worker %s exited; session store needs no clean-up", worker.pid)

@@ -1,0 +1,526 @@
+"""Server-side sessions on a shared store: ids, the Session mapping, and saving.
+
+Theory of operation
+===================
+
+A browser holds only an opaque session id in a cookie; the data lives in the
+store under ``key_prefix + id`` as one value::
+
+    {"d": {...session data...}, "e": <expiry, epoch seconds>, "f": [[category, message], ...]}
+
+The store does not report an entry's remaining lifetime, so the session keeps
+its own expiry (``"e"``) in the value; the store's own expiry is set to the
+same lifetime so abandoned sessions are reclaimed.
+
+Rules
+-----
+1. Ids come from :func:`secrets.token_urlsafe` (256 bits).  A cookie is checked
+   against the exact id format before the store is touched; a malformed,
+   unknown or expired id gets a fresh id.  A client-chosen id is never adopted.
+2. The session is loaded lazily, on first use.  A request that never touches it
+   costs no store access, sets no cookie and adds no ``Vary: Cookie``.
+3. Nothing is written unless something changed.  A read-only request writes
+   only when the remaining lifetime has fallen under ``refresh_threshold``
+   (sliding expiry), and then only the expiry.
+4. A save of a loaded session is a merge, done inside ``store.get_and_set``:
+   the keys this request set, mutated or deleted are applied to the latest
+   stored copy, so two concurrent requests changing different keys both keep
+   their changes.  If the stored copy vanished meanwhile (a concurrent logout
+   or rotation, expiry, eviction) nothing is written: a session is never
+   resurrected from a stale copy.
+5. A new, rotated or invalidated-then-refilled session is written whole under
+   its fresh id; ids it replaces are deleted only after that write succeeded.
+6. A save that fails (value not serialisable, too large, lock timeout) writes
+   nothing and leaves the stored session as it was; the WSGI layer answers 500.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import re
+import secrets
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, MutableMapping, Protocol
+
+from werkzeug.http import dump_cookie
+
+from ._errors import SerializationError, SessionStoreError
+
+__all__ = [
+    "DEFAULT_COOKIE_NAME",
+    "DEFAULT_KEY_PREFIX",
+    "DEFAULT_LIFETIME",
+    "Session",
+    "SessionManager",
+    "SessionOptions",
+    "SessionStore",
+    "is_valid_session_id",
+    "new_session_id",
+]
+
+log = logging.getLogger("prefork_sessions")
+
+DEFAULT_COOKIE_NAME = "session_id"
+DEFAULT_LIFETIME = 14 * 24 * 3600.0  # seconds: two weeks
+DEFAULT_KEY_PREFIX = "session:"
+SESSION_ID_BYTES = 32  # 256 bits
+# token_urlsafe(32) is 43 characters of the URL-safe base64 alphabet; the last
+# one carries 4 bits of data and 2 zero bits, so only 16 characters can end it.
+_SESSION_ID_RE = re.compile(r"[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]")
+# A client may send several cookies of the same name (different paths or
+# domains); look at no more than this many, so a flood costs nothing.
+_MAX_COOKIE_CANDIDATES = 4
+_COOKIE_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+# Keys of the stored value.
+_DATA = "d"
+_EXPIRES = "e"
+_FLASHES = "f"
+
+# The clock for session expiry (epoch seconds); a module attribute so tests
+# can move time without touching the store.
+_clock: Callable[[], float] = time.time
+
+Flash = tuple[str, Any]  # (category, message)
+
+
+class SessionStore(Protocol):
+    """What the session layer needs from a store (MmapStore provides it)."""
+
+    def get(self, key: str, default: Any = None) -> Any: ...
+
+    def set(self, key: str, value: Any, expire: float | None = None) -> None: ...
+
+    def delete(self, key: str) -> bool: ...
+
+    def get_and_set(
+        self, key: str, fn: Callable[[Any], Any], expire: float | None = None
+    ) -> Any: ...
+
+
+def new_session_id() -> str:
+    """Return a fresh session id: 256 random bits, 43 URL-safe characters."""
+    return secrets.token_urlsafe(SESSION_ID_BYTES)
+
+
+def is_valid_session_id(value: object) -> bool:
+    """True if ``value`` has exactly the shape :func:`new_session_id` produces."""
+    return isinstance(value, str) and _SESSION_ID_RE.fullmatch(value) is not None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SessionOptions:
+    """Cookie and lifetime options; every keyword of ``with_session`` and
+    ``SessionMiddleware`` is a field here.  Raises ValueError for bad values.
+
+    ``lifetime``: seconds a session lives after its last save; also the cookie's
+    Max-Age.  ``refresh_threshold``: a read-only request re-saves the expiry
+    (and re-sends the cookie) only when less than this many seconds remain;
+    ``None`` means ``lifetime / 2``, ``0`` means a fixed lifetime that only
+    changes save.  ``secure``: send the cookie over HTTPS only (turn on in
+    production).  ``key_prefix``: prepended to the id to form the store key.
+    """
+
+    cookie_name: str = DEFAULT_COOKIE_NAME
+    lifetime: float = DEFAULT_LIFETIME
+    refresh_threshold: float | None = None
+    secure: bool = False
+    httponly: bool = True
+    samesite: Literal["Lax", "Strict", "None"] | None = "Lax"
+    path: str = "/"
+    domain: str | None = None
+    key_prefix: str = DEFAULT_KEY_PREFIX
+
+    def __post_init__(self) -> None:
+        if not _COOKIE_NAME_RE.fullmatch(self.cookie_name):
+            raise ValueError(f"cookie_name {self.cookie_name!r} is not a valid cookie name token")
+        if not (math.isfinite(self.lifetime) and self.lifetime > 0):
+            raise ValueError(f"lifetime must be a positive number of seconds, not {self.lifetime!r}")
+        threshold = self.refresh_threshold
+        if threshold is not None and not (0 <= threshold <= self.lifetime):
+            raise ValueError(
+                f"refresh_threshold must be between 0 and lifetime ({self.lifetime}) seconds, "
+                f"not {threshold!r}"
+            )
+        if self.samesite not in ("Lax", "Strict", "None", None):
+            raise ValueError(f"samesite must be 'Lax', 'Strict', 'None' or None, not {self.samesite!r}")
+        if self.samesite == "None" and not self.secure:
+            raise ValueError("samesite='None' requires secure=True; browsers reject it otherwise")
+        if not self.path.startswith("/"):
+            raise ValueError(f"path must start with '/', not {self.path!r}")
+
+    @property
+    def threshold(self) -> float:
+        """The effective refresh threshold in seconds."""
+        return self.lifetime / 2 if self.refresh_threshold is None else self.refresh_threshold
+
+
+class _Vanished(Exception):
+    """Raised inside get_and_set when the stored copy is gone: store nothing."""
+
+
+_MISSING: Any = object()
+_MUTABLE = (dict, list, set, bytearray)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Deep equality that also tells 1, 1.0 and True apart (they serialise differently)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(v, b[k]) for k, v in a.items())
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return bool(a == b)
+
+
+def _parse_stored(value: Any, now: float) -> tuple[dict[str, Any], float, list[Any]] | None:
+    """Return (data, expires, flashes) of a stored value, or None if unusable or expired."""
+    if not isinstance(value, dict):
+        return None
+    data, expires, flashes = value.get(_DATA), value.get(_EXPIRES), value.get(_FLASHES, [])
+    if not isinstance(data, dict) or not isinstance(expires, (int, float)) or expires <= now:
+        return None
+    if not isinstance(flashes, list):
+        flashes = []
+    return data, float(expires), flashes
+
+
+class Session(MutableMapping[str, Any]):
+    """The session of one request: a mapping of str keys to serialisable values.
+
+    Loaded from the store on first use.  Changes are tracked per key, including
+    in-place changes to list and dict values, and saved when the response is
+    sent (not for 5xx responses or escaped exceptions).
+    """
+
+    def __init__(self, manager: SessionManager, candidates: Sequence[str]) -> None:
+        self._manager = manager
+        self._candidates = candidates
+        self._loaded = False
+        self._sid = ""
+        self._new = True
+        self._expires = 0.0
+        self._base: dict[str, Any] = {}  # the data as loaded; values shared until replaced
+        self._data: dict[str, Any] = {}
+        self._snapshots: dict[str, Any] = {}  # pristine copies of mutable values handed out
+        self._set_keys: set[str] = set()
+        self._force = False
+        self._flashes: list[Any] = []  # as loaded: [category, message] pairs
+        self._consumed: set[int] = set()  # indexes into _flashes read by this request
+        self._new_flashes: list[list[Any]] = []
+        self._dead_ids: list[str] = []  # stored ids to delete once the save succeeded
+        self._rotated = False
+        self._invalidated = False
+
+    # -- loading --------------------------------------------------------------
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        now = _clock()
+        for sid in self._candidates[:_MAX_COOKIE_CANDIDATES]:
+            if not is_valid_session_id(sid):
+                continue
+            parsed = _parse_stored(self._manager.fetch(sid), now)
+            if parsed is not None:
+                self._sid, self._new = sid, False
+                self._base, self._expires, self._flashes = parsed
+                self._data = dict(self._base)
+                return
+        self._sid = new_session_id()
+
+    # -- public attributes ----------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        """The session id (the cookie value); changes on rotate() and invalidate()."""
+        self._load()
+        return self._sid
+
+    @property
+    def new(self) -> bool:
+        """True if no stored session was found for this request (or it was invalidated)."""
+        self._load()
+        return self._new
+
+    @property
+    def accessed(self) -> bool:
+        """True once the session was used in this request (its responses vary by cookie)."""
+        return self._loaded
+
+    @property
+    def modified(self) -> bool:
+        """True if this request changed the session; set True to force saving every key."""
+        if not self._loaded:
+            return False
+        return bool(
+            self._force or self._rotated or self._invalidated or self._new_flashes
+            or self._consumed or self.changed_keys() or self.deleted_keys()
+        )
+
+    @modified.setter
+    def modified(self, value: bool) -> None:
+        self._load()
+        self._force = bool(value)
+
+    @property
+    def expires(self) -> float | None:
+        """Server-side expiry of the stored session (epoch seconds); None if not stored."""
+        self._load()
+        return None if self._new else self._expires
+
+    # -- the mapping ----------------------------------------------------------
+
+    def __getitem__(self, key: str) -> Any:
+        self._load()
+        value = self._data[key]
+        if isinstance(value, _MUTABLE) and key not in self._snapshots and key not in self._set_keys:
+            # Handed out and may be changed in place: keep a pristine copy to compare at save.
+            self._snapshots[key] = copy.deepcopy(value)
+        return value
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if not isinstance(key, str):
+            raise TypeError(f"session keys must be str, not {type(key).__name__}")
+        self._load()
+        self._data[key] = value
+        self._set_keys.add(key)
+
+    def __delitem__(self, key: str) -> None:
+        self._load()
+        del self._data[key]
+        self._set_keys.discard(key)
+
+    def __iter__(self) -> Iterator[str]:
+        self._load()
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        self._load()
+        return len(self._data)
+
+    def __contains__(self, key: object) -> bool:
+        self._load()
+        return key in self._data
+
+    def __repr__(self) -> str:
+        state = "unloaded" if not self._loaded else ("new" if self._new else "stored")
+        return f"<Session {state} keys={sorted(self._data)!r}>"
+
+    # -- change tracking --------------------------------------------------------
+
+    def changed_keys(self) -> list[str]:
+        """Keys whose value this request set or changed in place (and that still exist)."""
+        if self._force:
+            return list(self._data)
+        out = []
+        for key in self._set_keys | self._snapshots.keys():
+            if key not in self._data:
+                continue
+            pristine = self._snapshots.get(key, self._base.get(key, _MISSING))
+            if pristine is _MISSING or not _same(self._data[key], pristine):
+                out.append(key)
+        return out
+
+    def deleted_keys(self) -> list[str]:
+        """Keys that were stored when the session was loaded and are gone now."""
+        return [key for key in self._base if key not in self._data]
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def rotate(self) -> None:
+        """Give the session a fresh id and keep its data (call on login).
+
+        The old id is deleted from the store when the response is saved.
+        """
+        self._load()
+        if not self._new:
+            self._dead_ids.append(self._sid)
+        self._sid = new_session_id()
+        self._rotated = True
+
+    def invalidate(self) -> None:
+        """Drop the session and its data (call on logout).
+
+        The stored session is deleted and the cookie expired when the response
+        is saved.  Data set afterwards (a flash message, say) starts a new
+        session under a fresh id.
+        """
+        self._load()
+        if not self._new:
+            self._dead_ids.append(self._sid)
+        self._sid = new_session_id()
+        self._new = True
+        self._invalidated = True
+        self._base, self._data, self._snapshots = {}, {}, {}
+        self._set_keys.clear()
+        self._force = False
+        self._flashes, self._consumed, self._new_flashes = [], set(), []
+
+    # -- flash messages ---------------------------------------------------------
+
+    def flash(self, message: Any, category: str = "message") -> None:
+        """Queue ``message`` (serialisable, usually str) to show on a later request."""
+        self._load()
+        self._new_flashes.append([category, message])
+
+    def get_flashed_messages(
+        self, *, with_categories: bool = False, category_filter: Iterable[str] = ()
+    ) -> list[Any]:
+        """Return and consume the queued messages, oldest first.
+
+        With ``category_filter`` only matching messages are returned and
+        consumed.  With ``with_categories`` items are ``(category, message)``.
+        """
+        self._load()
+        wanted = set(category_filter)
+        out: list[Flash] = []
+        for index, item in enumerate(self._flashes):
+            if index in self._consumed or not (isinstance(item, list) and len(item) == 2):
+                continue
+            if not wanted or item[0] in wanted:
+                self._consumed.add(index)
+                out.append((item[0], item[1]))
+        kept = []
+        for item in self._new_flashes:
+            if not wanted or item[0] in wanted:
+                out.append((item[0], item[1]))
+            else:
+                kept.append(item)
+        self._new_flashes = kept
+        return list(out) if with_categories else [message for _, message in out]
+
+    def _remaining_flashes(self) -> list[Any]:
+        kept = [f for i, f in enumerate(self._flashes) if i not in self._consumed]
+        return kept + self._new_flashes
+
+    def _merge_flashes(self, stored: list[Any]) -> list[Any]:
+        out = list(stored)
+        for index in sorted(self._consumed):
+            try:
+                out.remove(self._flashes[index])
+            except ValueError:
+                pass  # a concurrent request consumed it already
+        return out + self._new_flashes
+
+
+class SessionManager:
+    """Loads sessions from a store and saves them; shared by the WSGI layers.
+
+    Thread-safe: it holds no per-request state.
+    """
+
+    def __init__(self, store: SessionStore, options: SessionOptions) -> None:
+        self.store = store
+        self.options = options
+
+    def open(self, cookie_values: Sequence[str]) -> Session:
+        """Return the (lazily loaded) session for the request's cookie values."""
+        return Session(self, cookie_values)
+
+    def fetch(self, sid: str) -> Any:
+        """Return the stored value for ``sid``, or None (also for undecodable values)."""
+        try:
+            return self.store.get(self.options.key_prefix + sid)
+        except SerializationError as e:
+            reason = str(e).replace(sid, "<id>")  # never log a session id
+            log.warning("stored session could not be read (%s); starting a new session", reason)
+            return None
+
+    def finish(self, session: Session, status: int) -> list[tuple[str, str]] | None:
+        """Save ``session`` for a response with HTTP ``status``.
+
+        Returns the headers to add (Set-Cookie, Vary), or None when the save
+        failed: the error was logged, nothing was written, and the caller must
+        answer 500.  A 5xx ``status`` saves nothing.
+        """
+        if not session.accessed:
+            return []
+        headers = [("Vary", "Cookie")]
+        if status >= 500:
+            return headers
+        try:
+            cookie = self._save(session)
+        except SessionStoreError as e:
+            # The store's message names the key, which holds the secret id: redact it.
+            reason = str(e).replace(session._sid, "<id>")
+            log.error(
+                "session not saved, answering 500: %s: %s (changed keys: %s). Session values must be "
+                "serialisable by the store's serializer (JSON by default: str, int, float, bool, "
+                "None, and lists and dicts of them) and fit in a store page; "
+                "the stored session was left unchanged.",
+                type(e).__name__, reason, sorted(session.changed_keys()),
+            )
+            return None
+        if cookie is not None:
+            headers.append(("Set-Cookie", cookie))
+        return headers
+
+    # -- internals ----------------------------------------------------------------
+
+    def _save(self, s: Session) -> str | None:
+        """Write what changed; return the Set-Cookie value to send, if any."""
+        opts, store = self.options, self.store
+        now = _clock()
+        expires = now + opts.lifetime
+        if s._new or s._rotated:
+            flashes = s._remaining_flashes()
+            if s._new and not s._data and not flashes:
+                for sid in s._dead_ids:
+                    store.delete(opts.key_prefix + sid)
+                return self._expired_cookie() if s._invalidated else None
+            value = {_DATA: s._data, _EXPIRES: expires, _FLASHES: flashes}
+            store.set(opts.key_prefix + s._sid, value, expire=opts.lifetime)
+            for sid in s._dead_ids:
+                store.delete(opts.key_prefix + sid)
+            return self._cookie(s._sid, expires)
+        if s.modified:
+            changed, deleted = s.changed_keys(), s.deleted_keys()
+
+            def merge(current: Any) -> Any:
+                parsed = _parse_stored(current, now)
+                if parsed is None:
+                    raise _Vanished
+                data, _, stored_flashes = parsed
+                for key in changed:
+                    data[key] = s._data[key]
+                for key in deleted:
+                    data.pop(key, None)
+                return {_DATA: data, _EXPIRES: expires, _FLASHES: s._merge_flashes(stored_flashes)}
+
+        elif s._expires - now < opts.threshold:
+
+            def merge(current: Any) -> Any:
+                if _parse_stored(current, now) is None:
+                    raise _Vanished
+                current[_EXPIRES] = expires
+                return current
+
+        else:
+            return None
+        try:
+            store.get_and_set(opts.key_prefix + s._sid, merge, expire=opts.lifetime)
+        except _Vanished:
+            log.info("session ended by another request before this one saved; changes dropped")
+            return None
+        return self._cookie(s._sid, expires)
+
+    def _cookie(self, sid: str, expires: float) -> str:
+        o = self.options
+        return dump_cookie(
+            o.cookie_name, sid, max_age=math.ceil(o.lifetime), expires=int(expires), path=o.path,
+            domain=o.domain, secure=o.secure, httponly=o.httponly, samesite=o.samesite,
+        )
+
+    def _expired_cookie(self) -> str:
+        o = self.options
+        return dump_cookie(
+            o.cookie_name, "", max_age=0, expires=0, path=o.path, domain=o.domain,
+            secure=o.secure, httponly=o.httponly, samesite=o.samesite,
+        )

@@ -1,0 +1,205 @@
+"""The two ways to give a WSGI app sessions: the ``with_session`` decorator for
+werkzeug-style ``app(request) -> Response`` functions, and ``SessionMiddleware``
+for any WSGI application.
+
+Both save when the response starts, so the cookie can go out with its headers:
+nothing is saved for a 5xx response or when an exception escapes the app, and a
+save that fails (an unserialisable value, say) turns the response into a 500.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Iterator
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Callable
+
+from werkzeug.exceptions import HTTPException, InternalServerError
+from werkzeug.http import parse_cookie
+from werkzeug.wrappers import Request, Response
+
+from ._session import Session, SessionManager, SessionOptions, SessionStore
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+__all__ = ["ENVIRON_KEY", "SessionMiddleware", "SessionRequest", "with_session"]
+
+ENVIRON_KEY = "prefork_sessions.session"
+"""Where SessionMiddleware puts the request's :class:`Session` in the WSGI environ."""
+
+_ExcInfo = tuple[type[BaseException], BaseException, TracebackType] | tuple[None, None, None]
+
+
+class SessionRequest(Request):
+    """A werkzeug Request with the session attached (what ``with_session`` passes)."""
+
+    session: Session
+
+
+def with_session(
+    store: SessionStore, **options: Any
+) -> Callable[[Callable[..., Response]], WSGIApplication]:
+    """Turn ``f(request) -> Response`` into a WSGI application with ``request.session``.
+
+    Shaped like werkzeug's ``Request.application``: an HTTPException raised by
+    ``f`` becomes its response, and ``f`` may be a method (``self, request``).
+    ``options`` are :class:`SessionOptions` fields (TypeError for unknown
+    names, ValueError for bad values).  The wrapped app's ``session_store``
+    attribute is ``store``, so a gunicorn ``post_fork`` hook can reopen it.
+    """
+    manager = SessionManager(store, SessionOptions(**options))
+
+    def decorator(f: Callable[..., Response]) -> WSGIApplication:
+        @functools.wraps(f)
+        def application(*args: Any) -> Iterable[bytes]:
+            environ, start_response = args[-2], args[-1]
+            request = SessionRequest(environ)
+            session = manager.open(request.cookies.getlist(manager.options.cookie_name))
+            request.session = session
+            with request:
+                try:
+                    response = f(*args[:-2], request)
+                except HTTPException as e:
+                    response = e.get_response(environ)  # type: ignore[assignment]
+                if not isinstance(response, Response):
+                    response = Response.force_type(response, environ)
+                headers = manager.finish(session, response.status_code)
+                if headers is None:
+                    response = InternalServerError().get_response(environ)  # type: ignore[assignment]
+                else:
+                    _extend_headers(response.headers, headers)
+                return response(environ, start_response)
+
+        application.session_store = store  # type: ignore[attr-defined]
+        return application
+
+    return decorator
+
+
+class SessionMiddleware:
+    """Wrap any WSGI ``app`` so each request's :class:`Session` is in
+    ``environ["prefork_sessions.session"]``.
+
+    The session is saved when the app calls ``start_response`` and the cookie
+    added to its headers; changes made after that are not saved.  ``options``
+    are :class:`SessionOptions` fields.
+    """
+
+    def __init__(self, app: WSGIApplication, store: SessionStore, **options: Any) -> None:
+        self.app = app
+        self.session_store = store
+        self.manager = SessionManager(store, SessionOptions(**options))
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        cookies = parse_cookie(environ)
+        session = self.manager.open(cookies.getlist(self.manager.options.cookie_name))
+        environ[ENVIRON_KEY] = session
+        call = _Call(self.manager, session, start_response)
+        app_iter = self.app(environ, call.start_response)  # an exception here saves nothing
+        if call.failed:
+            _close(app_iter)
+            return call.error_body()
+        if call.started:
+            return app_iter
+        return _Body(app_iter, call)  # start_response will come with the first chunk
+
+
+class _Call:
+    """One request's wrapped ``start_response``: saves, then adds the headers."""
+
+    def __init__(self, manager: SessionManager, session: Session, start_response: StartResponse):
+        self.manager, self.session, self.outer = manager, session, start_response
+        self.started = self.failed = False
+
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: _ExcInfo | None = None
+    ) -> Callable[[bytes], object]:
+        if exc_info is not None or self.started:
+            # The app is replacing its response after an error: never save for it.
+            return self.outer(status, headers, exc_info)
+        self.started = True
+        try:
+            code = int(status.split(None, 1)[0])
+        except ValueError:
+            code = 500
+        extra = self.manager.finish(self.session, code)
+        if extra is None:
+            self.failed = True
+            self.outer("500 INTERNAL SERVER ERROR", self._error_headers())
+            return lambda data: None  # the app's own body is dropped
+        headers = list(headers)
+        _extend_headers(_HeaderList(headers), extra)
+        return self.outer(status, headers)
+
+    def _error_headers(self) -> list[tuple[str, str]]:
+        body = self.error_body()[0]
+        return [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(body)))]
+
+    @staticmethod
+    def error_body() -> list[bytes]:
+        return [InternalServerError().get_body().encode()]
+
+
+class _Body:
+    """The app's body when it calls start_response lazily (from its first chunk)."""
+
+    def __init__(self, app_iter: Iterable[bytes], call: _Call) -> None:
+        self.app_iter, self.call = app_iter, call
+
+    def __iter__(self) -> Iterator[bytes]:
+        it = iter(self.app_iter)
+        for chunk in it:
+            if self.call.failed:
+                yield from self.call.error_body()
+                return
+            yield chunk
+            break
+        if self.call.failed:  # start_response came with an empty body
+            yield from self.call.error_body()
+            return
+        yield from it
+
+    def close(self) -> None:
+        _close(self.app_iter)
+
+
+def _close(app_iter: Iterable[bytes]) -> None:
+    close = getattr(app_iter, "close", None)
+    if close is not None:
+        close()
+
+
+class _HeaderList:
+    """Just enough of werkzeug's Headers API over a WSGI header list."""
+
+    def __init__(self, items: list[tuple[str, str]]) -> None:
+        self.items = items
+
+    def get(self, name: str) -> str | None:
+        for key, value in self.items:
+            if key.lower() == name.lower():
+                return value
+        return None
+
+    def set(self, name: str, value: str) -> None:
+        self.items[:] = [(k, v) for k, v in self.items if k.lower() != name.lower()]
+        self.items.append((name, value))
+
+    def add(self, name: str, value: str) -> None:
+        self.items.append((name, value))
+
+
+def _extend_headers(headers: Any, extra: list[tuple[str, str]]) -> None:
+    """Add ``extra`` to ``headers``, merging Vary into an existing Vary header."""
+    for name, value in extra:
+        if name == "Vary":
+            current = headers.get("Vary")
+            if not current:
+                headers.set("Vary", value)
+            elif current.strip() != "*" and value.lower() not in (
+                token.strip().lower() for token in current.split(",")
+            ):
+                headers.set("Vary", f"{current}, {value}")
+        else:
+            headers.add(name, value)

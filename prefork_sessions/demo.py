@@ -1,0 +1,70 @@
+"""A demo app: a visit counter shared by every gunicorn worker.
+
+Run it with ``gunicorn -c gunicorn_conf.py`` (the config's default app), then::
+
+    curl -c jar -b jar http://127.0.0.1:8000/        # {"visits": 1, "worker": 4242}
+    curl -c jar -b jar http://127.0.0.1:8000/login   # new session id, same data
+    curl -c jar -b jar http://127.0.0.1:8000/logout  # session deleted, cookie expired
+    curl http://127.0.0.1:8000/stats                 # the store's counters
+
+The store file's path and size come from the environment variables that
+gunicorn_conf.py also reads (``PREFORK_SESSIONS_PATH``, ``PREFORK_SESSIONS_SIZE``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import orjson
+from werkzeug.exceptions import NotFound
+from werkzeug.wrappers import Response
+
+from ._store import MmapStore
+from ._wsgi import SessionRequest, with_session
+
+PATH_ENV = "PREFORK_SESSIONS_PATH"
+"""Store file path; unset means ``<tempdir>/prefork_sessions_demo_session_data``."""
+SIZE_ENV = "PREFORK_SESSIONS_SIZE"
+"""Store size in bytes, used when the file is created."""
+APP_NAME = "prefork_sessions_demo"
+DEFAULT_SIZE = 16 << 20
+
+
+def store_size(environ: dict[str, str] | os._Environ[str] = os.environ) -> int:
+    """The store size in bytes from ``PREFORK_SESSIONS_SIZE``; ValueError if not an integer."""
+    raw = environ.get(SIZE_ENV, "")
+    try:
+        return int(raw) if raw else DEFAULT_SIZE
+    except ValueError:
+        raise ValueError(f"{SIZE_ENV}={raw!r}: give the store size in bytes, e.g. {DEFAULT_SIZE}") from None
+
+
+def open_store(environ: dict[str, str] | os._Environ[str] = os.environ) -> MmapStore:
+    """Open (or create) the demo's store as configured by the environment."""
+    return MmapStore(environ.get(PATH_ENV) or None, app_name=APP_NAME, cache_size=store_size(environ))
+
+
+store = open_store()
+
+
+def _json(value: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(value), status=status, mimetype="application/json")
+
+
+@with_session(store)
+def app(request: SessionRequest) -> Response:
+    """GET / counts visits; /login rotates the id; /logout ends the session; /stats."""
+    session = request.session
+    if request.path == "/":
+        session["visits"] = session.get("visits", 0) + 1
+        return _json({"visits": session["visits"], "worker": os.getpid()})
+    if request.path == "/login":
+        session.rotate()
+        session["logged_in"] = True
+        return _json({"logged_in": True, "worker": os.getpid()})
+    if request.path == "/logout":
+        session.invalidate()
+        return _json({"logged_in": False, "worker": os.getpid()})
+    if request.path == "/stats":
+        return _json(store.stats())
+    raise NotFound()
