@@ -70,6 +70,10 @@ MIB = 1 << 20
 now = time.perf_counter  # CLOCK_MONOTONIC on Linux: comparable across processes and with Perl
 
 
+class Overtime(BaseException):
+    """--timeout passed: not an Exception, so no store's error handling can swallow it."""
+
+
 @dataclass
 class Config:
     keys: int = 10_000
@@ -391,6 +395,7 @@ def run_parallel(a: Adapter, keys: list[Any], seqs: list[list[int]]) -> dict[str
     a.before_fork()
     go_r, go_w = os.pipe()
     kids = []
+    ok = False
     try:
         for seq in seqs:
             r, w = os.pipe()
@@ -428,12 +433,16 @@ def run_parallel(a: Adapter, keys: list[Any], seqs: list[list[int]]) -> dict[str
                 raise RuntimeError(f"{a.label}: a mix child died")
             t0, t1, n = line.split()
             spans.append((float(t0), float(t1), int(n)))
+        ok = True
     finally:
         os.close(go_w)
         for pid, f in kids:
             f.close()
+            if not ok:  # stopped early (error, --timeout): a child may be stuck; never wait on it
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             _, status = os.waitpid(pid, 0)
-            if status:
+            if status and ok:
                 raise RuntimeError(f"{a.label}: mix child exited with status {status}")
         a.after_fork()
     ops = sum(s[2] for s in spans)
@@ -561,6 +570,26 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def store_build() -> str:
+    """Which MmapStore is measured: where from, git commit (+dirty), compiled helpers loaded."""
+    try:
+        import prefork_sessions
+    except ImportError as e:
+        return f"not importable ({e})"
+    where = os.path.dirname(prefork_sessions.__file__)
+    desc = "?"
+    with contextlib.suppress(Exception):
+        git = ["git", "-C", where]
+        sha = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(git + ["status", "--porcelain", "--", "."], capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+        desc = f"git {sha}{' + uncommitted changes' if dirty else ''}" if sha else "not a git checkout"
+    ext = sorted(name for name, mod in sys.modules.items()
+                 if name.startswith("prefork_sessions.") and str(getattr(mod, "__file__", "")).endswith(".so"))
+    return f"{where} ({desc}); compiled modules loaded: {', '.join(ext) or 'none'}"
+
+
 def machine_line(m: dict[str, Any]) -> str:
     v = ", ".join(f"{k} {x}" for k, x in m["versions"].items())
     return (f"Machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), {m['kernel']}, "
@@ -612,6 +641,7 @@ def render(report: dict[str, Any]) -> str:
     cfg = report["config"]
     p = lambda *a: print(*a, file=o)  # noqa: E731
     p(machine_line(report["machine"]))
+    p(f"MmapStore: {report['store_build']}")
     p(f"Workload: {cfg['keys']:,} keys session:<32 hex>, {cfg['value_size']} B values; get x{cfg['get_passes']} "
       f"passes; mix {cfg['mix_ops']:,} ops/proc; {cfg['incr_ops']:,} increments over {cfg['counters']} "
       f"counters; cache {cfg['cache_size'] // MIB} MiB, page {cfg['page_size'] // 1024} KiB; best of "
@@ -747,7 +777,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"stopped by signal {signum}")
 
     def on_alarm(_signum: int, _frame: Any) -> None:
-        raise TimeoutError(f"benchmark exceeded --timeout {cfg.timeout:.0f}s")
+        raise Overtime(f"benchmark exceeded --timeout {cfg.timeout:.0f}s")
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGALRM, on_alarm)
@@ -756,6 +786,9 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tempfile.mkdtemp(prefix="bench_store-")
     try:
         return run(cfg, ns, tmp, deadline)
+    except Overtime as e:
+        print(f"bench_store: {e}", file=sys.stderr)
+        return 2
     finally:
         signal.alarm(0)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -791,9 +824,9 @@ def run(cfg: Config, ns: argparse.Namespace, tmp: str, deadline: float) -> int:
     def attempt(name: str, fn: Callable[[], None]) -> None:
         try:
             fn()
-        except (ImportError, RuntimeError, OSError, subprocess.SubprocessError) as e:
+        except Exception as e:  # one store failing must not cost the others' figures
             errors.append(f"{name}: {type(e).__name__}: {e}")
-            log(f"  {name} skipped: {e}")
+            log(f"  {name} skipped: {type(e).__name__}: {e}")
 
     if "mmapstore" in cfg.only:
         def mmap() -> None:
@@ -836,7 +869,7 @@ def run(cfg: Config, ns: argparse.Namespace, tmp: str, deadline: float) -> int:
     cfg_d = asdict(cfg)
     report = {"machine": m, "config": cfg_d, "summary": summary, "raw": results, "ratios": ratios,
               "retention": retention, "targets": targets, "errors": errors, "pair_of": pair_of,
-              "order": order, "incr_how": incr_how}
+              "order": order, "incr_how": incr_how, "store_build": store_build()}
     if ns.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
