@@ -17,8 +17,9 @@ PREFORK_SESSIONS_PATH, or copy this file and change the names.
 """
 
 import os
+import sys
 
-from prefork_sessions import MmapStore
+from prefork_sessions import MmapStore, SessionStoreError
 
 PATH_ENV = "PREFORK_SESSIONS_PATH"  # also read by prefork_sessions.demo
 SIZE_ENV = "PREFORK_SESSIONS_SIZE"  # also read by prefork_sessions.demo
@@ -45,11 +46,15 @@ def on_starting(server):
     existing one, so a bad path, owner or mode stops gunicorn here with a clear
     error instead of failing in every worker.  The resolved path is put in the
     environment the workers inherit, so they all open this very file."""
-    store = MmapStore(
-        os.environ.get(PATH_ENV) or None,
-        app_name=APP_NAME,
-        cache_size=_env_int(SIZE_ENV, 16 << 20),
-    )
+    try:
+        store = MmapStore(
+            os.environ.get(PATH_ENV) or None,
+            app_name=APP_NAME,
+            cache_size=_env_int(SIZE_ENV, 16 << 20),
+        )
+    except (SessionStoreError, OSError, ValueError) as e:
+        server.log.error("cannot use the session store: %s", e)
+        sys.exit(1)
     try:
         mode = os.stat(store.path).st_mode & 0o777
         server.log.info(
