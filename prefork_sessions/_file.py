@@ -68,7 +68,13 @@ def _create(path: str, page_size: int, num_pages: int) -> None:
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         os.fchmod(fd, FILE_MODE)
-        os.ftruncate(fd, L.file_size(page_size, num_pages))
+        # Write every byte rather than leave a sparse file: blocks are allocated now,
+        # not on first touch through the mapping (costly faults on the hot path, and
+        # SIGBUS instead of a clean error when the disk is full).
+        size = L.file_size(page_size, num_pages)
+        zeros = bytes(1 << 20)
+        for at in range(0, size, len(zeros)):
+            os.pwrite(fd, zeros[:size - at], at)
         slots = L.slots_for(page_size)
         header = L.HEADER.pack(
             L.MAGIC, L.VERSION, L.HEADER_SIZE, page_size, num_pages, slots,

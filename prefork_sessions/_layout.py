@@ -20,7 +20,7 @@ Page::
 * Entry: ENTRY header (expiry, hash, lengths, flags, dead flag, crc32) then the
   key bytes and the value bytes, padded to 8 bytes.  The crc covers every header
   byte before the dead flag plus key and value.
-* Slot: (entry offset within the page, last-access second).  Offset 0 = empty,
+* Slot: (entry offset within the page, last-access tick).  Offset 0 = empty,
   1 = tombstone.  Open addressing with linear probing from ``slot_start(hash)``.
 
 Invariants
@@ -41,7 +41,7 @@ Invariants
    is in neither locks both pages (in index order); updating a key in place locks
    only the page that holds it.
 5. Readers take no lock: they read ``seq``, copy the entry, and accept it only if
-   ``seq`` was even and unchanged.  The last-access second in the slot is a hint
+   ``seq`` was even and unchanged.  The last-access tick in the slot is a hint
    that readers store without the lock; it lives in the slot table (never in the
    data area), so a stray hint write can only ever change another hint.
 """
@@ -79,7 +79,7 @@ OFF_RECOVERIES = 40
 U64 = struct.Struct("<Q")
 U32 = struct.Struct("<I")
 
-SLOT = struct.Struct("<II")  # entry offset within page, last-access second
+SLOT = struct.Struct("<II")  # entry offset within page, last-access tick (see tick())
 SLOT_EMPTY = 0
 SLOT_TOMB = 1
 
@@ -126,3 +126,13 @@ def page_offset(page_size: int, page: int) -> int:
 def empty_page_header(slots: int) -> bytes:
     """A freshly initialised page header (seq 0, no entries)."""
     return PAGE_HDR.pack(0, 0, 0, data_start(slots), 0, 0, 0, 0).ljust(PAGE_HDR_SIZE, b"\0")
+
+
+TICKS_PER_SECOND = 16
+TICK_MASK = 0xFFFFFFFF
+
+
+def tick(now: float) -> int:
+    """The last-access clock: 1/16 s units, wrapping every 8.5 years; compare ages
+    as ``(tick(now) - t) & TICK_MASK``."""
+    return int(now * TICKS_PER_SECOND) & TICK_MASK

@@ -9,12 +9,9 @@ the spare page, repair after a crashed writer, and fork handling.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import math
 import mmap
 import os
-import struct
 import tempfile
 import threading
 import time
@@ -31,6 +28,7 @@ from ._errors import (
     ValueTooLargeError,
 )
 from ._file import open_or_create
+from ._pager import FastPager
 from ._serializers import resolve
 
 __all__ = ["MmapStore", "NEVER", "DEFAULT_CACHE_SIZE", "DEFAULT_PAGE_SIZE", "DEFAULT_LOCK_TIMEOUT"]
@@ -41,17 +39,12 @@ DEFAULT_CACHE_SIZE = 64 << 20
 DEFAULT_PAGE_SIZE = 64 << 10
 DEFAULT_LOCK_TIMEOUT = 10.0
 
-_F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
-_FLOCK = struct.Struct("hhqqi")  # struct flock: type, whence, start, len, pid (0 for OFD locks)
-_FIB = 0x9E3779B1  # Fibonacci hashing multiplier: spreads the second page choice
-_READ_TRIES = 4
 
 _seq_at = L.SEQ.unpack_from
 _u32_at = L.U32.unpack_from
 _slot_at = L.SLOT.unpack_from
 _entry_at = L.ENTRY.unpack_from
 _counts_at = L.COUNTS.unpack_from
-_ENTRY_ERRORS = (struct.error, IndexError, ValueError, OverflowError)
 
 _live_stores: "weakref.WeakSet[MmapStore]" = weakref.WeakSet()
 
@@ -122,10 +115,11 @@ class MmapStore:
             os.close(fd)
             raise
         self._fd, self._mm, self._stale = fd, mm, False
+        self._max_used = int(geo.slots * L.MAX_LOAD)
+        self._pager = FastPager(mm, fd, geo.seed, geo.num_pages, geo.page_size, geo.slots, self._max_used)
         self.page_size, self.num_pages = geo.page_size, geo.num_pages
         self._seed, self._nslots = geo.seed, geo.slots
         self._d0 = L.data_start(geo.slots)
-        self._max_used = int(geo.slots * L.MAX_LOAD)
         self._max_entry = geo.page_size - self._d0
         self._tlocks = [threading.Lock() for _ in range(geo.num_pages + 1)]  # [-1] is the spare's
 
@@ -139,6 +133,7 @@ class MmapStore:
         if self._mm is None:
             return
         try:
+            self._pager.close()
             self._mm.close()
             os.close(self._fd)
         except (OSError, BufferError):
@@ -159,6 +154,7 @@ class MmapStore:
 
     def _close_file(self) -> None:
         if self._mm is not None:
+            self._pager.close()
             self._mm.close()
             os.close(self._fd)
         self._mm, self._fd = None, -1
@@ -214,25 +210,18 @@ class MmapStore:
             raise ValueTooLargeError(f"key of {len(kb)} bytes is longer than the limit of 65535 bytes")
         return kb, flags
 
-    def _where(self, kb: bytes) -> tuple[int, int, int, int]:
-        """(hash, first page, second page, first slot) of a key."""
-        n = self.num_pages
-        h = crc32(kb, self._seed)
-        p1 = h % n
-        p2 = ((h * _FIB) & 0xFFFFFFFF) * n >> 32
-        if p2 == p1 and n > 1:
-            p2 = (p1 + 1) % n
-        return h, p1, p2, (h // n) % self._nslots
-
     def _serialize(self, key: object, value: Any) -> bytes:
         try:
             return self._dumps(value)
         except Exception as e:
-            raise SerializationError(
-                f"cannot store the value for {key!r} with serializer {self.serializer!r}: {e}. "
-                "Store JSON-compatible values (dict, list, str, int, float, bool, None), "
-                "or choose serializer='pickle' or a custom serializer."
-            ) from e
+            raise self._serialize_error(key, e) from e
+
+    def _serialize_error(self, key: object, e: Exception) -> SerializationError:
+        return SerializationError(
+            f"cannot store the value for {key!r} with serializer {self.serializer!r}: {e}. "
+            "Store JSON-compatible values (dict, list, str, int, float, bool, None), "
+            "or choose serializer='pickle' or a custom serializer."
+        )
 
     def _deserialize(self, raw: bytes) -> Any:
         if self._loads is None:
@@ -245,13 +234,12 @@ class MmapStore:
                 "Was the file written with another serializer?"
             ) from e
 
-    def _check_fits(self, kb: bytes, vb: bytes) -> None:
-        if L.ENTRY_SIZE + len(kb) + len(vb) > self._max_entry:
-            raise ValueTooLargeError(
-                f"value of {len(vb)} bytes (key {len(kb)} bytes) cannot fit in a page of "
-                f"{self.page_size} bytes: the largest entry is {self._max_entry - L.ENTRY_SIZE} bytes "
-                f"of key plus value. Store less, or create the store file with a larger page_size."
-            )
+    def _too_large(self, kb: bytes, vb: bytes) -> ValueTooLargeError:
+        return ValueTooLargeError(
+            f"value of {len(vb)} bytes (key {len(kb)} bytes) cannot fit in a page of "
+            f"{self.page_size} bytes: the largest entry is {self._max_entry - L.ENTRY_SIZE} bytes "
+            f"of key plus value. Store less, or create the store file with a larger page_size."
+        )
 
     def _reentry(self) -> None:
         if threading.get_ident() in self._busy:
@@ -261,28 +249,6 @@ class MmapStore:
             )
 
     # ------------------------------------------------------------------ locking
-
-    def _flock(self, page: int, kind: int) -> None:
-        arg = _FLOCK.pack(kind, 0, L.page_offset(self.page_size, page), 1, 0)
-        try:
-            fcntl.fcntl(self._fd, _F_OFD_SETLK, arg)
-            return
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-        deadline = time.monotonic() + self._lock_timeout
-        delay = 20e-6
-        while True:
-            time.sleep(delay)
-            try:
-                fcntl.fcntl(self._fd, _F_OFD_SETLK, arg)
-                return
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-            if time.monotonic() > deadline:
-                raise self._timeout(page)
-            delay = min(delay * 2, 0.002)
 
     def _timeout(self, page: int) -> LockTimeoutError:
         return LockTimeoutError(
@@ -297,36 +263,48 @@ class MmapStore:
         if not tl.acquire(True, self._lock_timeout):
             raise self._timeout(page)
         try:
-            self._flock(page, fcntl.F_WRLCK)
+            state = self._pager.lock(page)
+            if state < 0:
+                state = self._lock_wait(page)
         except BaseException:
             tl.release()
             raise
-        if page >= 0:
-            po = L.page_offset(self.page_size, page)
-            if _seq_at(self._mm, po)[0] & 1:  # type: ignore[arg-type]
-                try:
-                    self._repair(page, po)
-                except BaseException:
-                    self._unlock(page)
-                    raise
+        if state:
+            try:
+                self._repair(page, L.page_offset(self.page_size, page))
+            except BaseException:
+                self._unlock(page)
+                raise
+
+    def _lock_wait(self, page: int) -> int:
+        """Another process holds the page: poll (OFD locks cannot time out) until the deadline."""
+        deadline = time.monotonic() + self._lock_timeout
+        delay = 20e-6
+        while True:
+            time.sleep(delay)
+            state = self._pager.lock(page)
+            if state >= 0:
+                return state
+            if time.monotonic() > deadline:
+                raise self._timeout(page)
+            delay = min(delay * 2, 0.002)
 
     def _unlock(self, page: int) -> None:
         try:
-            self._flock(page, fcntl.F_UNLCK)
+            self._pager.unlock(page)
         finally:
             self._tlocks[page].release()
 
     def _lock_pages(self, p1: int, p2: int) -> tuple[int, ...]:
+        """Lock a key's page(s) in index order (the global order that rules out deadlock)."""
         pages = (p1,) if p1 == p2 else (p1, p2) if p1 < p2 else (p2, p1)
-        done: list[int] = []
-        try:
-            for p in pages:
-                self._lock(p)
-                done.append(p)
-        except BaseException:
-            for p in reversed(done):
-                self._unlock(p)
-            raise
+        self._lock(pages[0])
+        if len(pages) > 1:
+            try:
+                self._lock(pages[1])
+            except BaseException:
+                self._unlock(pages[0])
+                raise
         return pages
 
     def _unlock_pages(self, pages: tuple[int, ...]) -> None:
@@ -334,113 +312,22 @@ class MmapStore:
             self._unlock(p)
 
     def _bump_seq(self, mm: mmap.mmap, po: int) -> None:
-        L.SEQ.pack_into(mm, po, _seq_at(mm, po)[0] + 1)
+        self._pager.bump(po)
 
     # ------------------------------------------------------------------ lookup
 
-    def _find(self, mm: mmap.mmap, po: int, kb: bytes, h: int, s0: int) -> tuple[int, int, int]:
-        """Probe a page for a key: (slot offset, entry offset, first free slot offset).
+    def _read_locked(self, kb: bytes) -> tuple[bytes, float] | None:
+        """Read under the page locks, when writers kept the lock-free read from settling.
 
-        Entry offset 0 means absent; the free slot is the first tombstone or the
-        empty slot that ended the probe (0 if the table has none).
-        """
-        nslots = self._nslots
-        base = po + L.PAGE_HDR_SIZE
-        klen = len(kb)
-        free = 0
-        i = s0
-        for _ in range(nslots):
-            so = base + (i << 3)
-            off = _u32_at(mm, so)[0]
-            if off == L.SLOT_EMPTY:
-                return so, 0, free or so
-            if off == L.SLOT_TOMB:
-                if not free:
-                    free = so
-            else:
-                eo = po + off
-                _, eh, _, ek, _, _, _ = _entry_at(mm, eo)
-                if eh == h and ek == klen and mm[eo + 24:eo + 24 + klen] == kb:
-                    return so, eo, free
-            i += 1
-            if i == nslots:
-                i = 0
-        return 0, 0, free
-
-    def _read(self, kb: bytes) -> tuple[bytes, float] | None:
-        """Lock-free read of a key's raw value and expiry time (None when absent)."""
-        mm = self._mm or self._revive()
-        h, p1, p2, s0 = self._where(kb)
-        ps = self.page_size
-        po1 = L.HEADER_SIZE + ps * (p1 + 1)
-        po2 = L.HEADER_SIZE + ps * (p2 + 1)
-        klen = len(kb)
-        for _ in range(_READ_TRIES):
-            try:
-                s1 = _seq_at(mm, po1)[0]
-                if s1 & 1:
-                    continue
-                so, eo, _ = self._find(mm, po1, kb, h, s0)
-                po, s = po1, s1
-                if not eo and p2 != p1:
-                    s2 = _seq_at(mm, po2)[0]
-                    if s2 & 1:
-                        continue
-                    so, eo, _ = self._find(mm, po2, kb, h, s0)
-                    po, s = po2, s2
-                    if not eo and _seq_at(mm, po1)[0] != s1:
-                        continue
-                if not eo:
-                    if _seq_at(mm, po)[0] != s:
-                        continue
-                    return None
-                exp, _, vlen, _, _, _, crc = _entry_at(mm, eo)
-                start = eo + 24 + klen
-                value = mm[start:start + vlen]
-                if _seq_at(mm, po)[0] != s:
-                    continue
-            except _ENTRY_ERRORS:
-                continue  # torn by a concurrent writer: seq will say so on the next try
-            if crc32(value, crc32(kb, crc32(mm[eo:eo + L.ENTRY_CRC_SPAN]))) != crc:
-                continue
-            now = time.time()
-            if exp and exp <= now:
-                return None
-            t = int(now)
-            if _u32_at(mm, so + 4)[0] != t:
-                L.U32.pack_into(mm, so + 4, t)  # LRU hint, deliberately unlocked (see _layout)
-            return value, exp
-        return self._read_locked(kb, h, p1, p2, s0)
-
-    def _read_locked(self, kb: bytes, h: int, p1: int, p2: int, s0: int) -> tuple[bytes, float] | None:
+        With the pages locked the read settles at once unless the entry fails its
+        checksum (damage from outside the store): that reads as missing."""
+        _, p1, p2, _ = self._pager.where(kb)
         pages = self._lock_pages(p1, p2)
         try:
-            mm = self._mm
-            assert mm is not None
-            for p in pages:
-                po = L.page_offset(self.page_size, p)
-                _, eo, _ = self._find(mm, po, kb, h, s0)
-                if eo:
-                    exp, _, vlen, klen, _, _, _ = _entry_at(mm, eo)
-                    if exp and exp <= time.time():
-                        return None
-                    return mm[eo + 24 + klen:eo + 24 + klen + vlen], exp
-            return None
+            found = self._pager.read(kb)
         finally:
             self._unlock_pages(pages)
-
-    def _locate(self, kb: bytes, h: int, p1: int, p2: int, s0: int) -> int:
-        """Lock-free guess of the page holding a key (-1: neither); verified under the lock."""
-        mm = self._mm
-        assert mm is not None
-        try:
-            if self._find(mm, L.page_offset(self.page_size, p1), kb, h, s0)[1]:
-                return p1
-            if p2 != p1 and self._find(mm, L.page_offset(self.page_size, p2), kb, h, s0)[1]:
-                return p2
-        except _ENTRY_ERRORS:
-            pass
-        return -1
+        return found or None
 
     # ------------------------------------------------------------------ public API
 
@@ -448,21 +335,28 @@ class MmapStore:
         """The value stored under ``key``, or ``default`` when missing or expired."""
         if self._busy:
             self._reentry()
-        if type(key) is str:
-            kb = key.encode()
-        else:
-            kb = self._key(key)[0]
-        found = self._read(kb)
+        kb = key.encode() if type(key) is str else self._key(key)[0]
+        if self._mm is None:
+            self._revive()
+        found = self._pager.read(kb)
+        if found is False:
+            found = self._read_locked(kb)
         if found is None:
             self._misses += 1
             return default
         self._hits += 1
-        return self._deserialize(found[0]) if self._loads is not None else found[0]
+        return found[0] if self._loads is None else self._deserialize(found[0])  # type: ignore[index]
 
     def __contains__(self, key: object) -> bool:
         if self._busy:
             self._reentry()
-        return self._read(self._key(key)[0]) is not None  # type: ignore[arg-type]
+        kb = self._key(key)[0]  # type: ignore[arg-type]
+        if self._mm is None:
+            self._revive()
+        found = self._pager.read(kb)
+        if found is False:
+            found = self._read_locked(kb)
+        return found is not None
 
     def set(self, key: str | bytes, value: Any, expire: float | None = None) -> None:
         """Store ``value`` under ``key``; ``expire`` in seconds (None: store default; 0: never).
@@ -471,10 +365,18 @@ class MmapStore:
         """
         if self._busy:
             self._reentry()
-        kb, flags = self._key(key)
-        vb = self._serialize(key, value)
-        self._check_fits(kb, vb)
-        self._write(kb, flags, self._expire_at(expire), lambda _old: vb)
+        kb, flags = (key.encode(), L.FLAG_STR_KEY) if type(key) is str and len(key) < 16384 else self._key(key)
+        try:
+            vb = self._dumps(value)
+        except Exception as e:
+            raise self._serialize_error(key, e) from e
+        if L.ENTRY_SIZE + len(kb) + len(vb) > self._max_entry:
+            raise self._too_large(kb, vb)
+        if expire is None:
+            lifetime = self._expire
+        else:
+            lifetime = self._lifetime(expire)
+        self._write(kb, flags, time.time() + lifetime if lifetime else 0.0, vb, None)
 
     def get_and_set(self, key: str | bytes, fn: Callable[[Any], Any], expire: float | None = None) -> Any:
         """Atomically store and return ``fn(current value or None)``.
@@ -497,11 +399,12 @@ class MmapStore:
             finally:
                 self._busy.discard(me)
             vb = self._serialize(key, new)
-            self._check_fits(kb, vb)
+            if L.ENTRY_SIZE + len(kb) + len(vb) > self._max_entry:
+                raise self._too_large(kb, vb)
             result.append(new)
             return vb
 
-        self._write(kb, flags, exp_at, update)
+        self._write(kb, flags, exp_at, b"", update)
         return result[0]
 
     def delete(self, key: str | bytes) -> bool:
@@ -511,9 +414,8 @@ class MmapStore:
         kb = self._key(key)[0]
         if self._mm is None:
             self._revive()
-        h, p1, p2, s0 = self._where(kb)
         while True:
-            page = self._locate(kb, h, p1, p2, s0)
+            h, _, _, s0, page, _ = self._pager.locate(kb)
             if page < 0:
                 return False
             self._lock(page)
@@ -521,7 +423,7 @@ class MmapStore:
                 mm = self._mm
                 assert mm is not None
                 po = L.page_offset(self.page_size, page)
-                so, eo, _ = self._find(mm, po, kb, h, s0)
+                so, eo, _ = self._pager.find(po, kb, h, s0)
                 if not eo:
                     continue  # moved on between the guess and the lock: look again
                 exp = _entry_at(mm, eo)[0]
@@ -534,90 +436,59 @@ class MmapStore:
 
     # ------------------------------------------------------------------ writing
 
-    def _write(self, kb: bytes, flags: int, exp_at: float, make: Callable[[bytes | None], bytes]) -> None:
-        """Replace a key's entry with ``make(old raw value or None)`` under the page lock(s)."""
+    def _write(
+        self, kb: bytes, flags: int, exp_at: float, vb: bytes, update: Callable[[bytes | None], bytes] | None
+    ) -> None:
+        """Store ``vb`` (or ``update(old raw value or None)``) under the page lock(s)."""
         if self._mm is None:
             self._revive()
-        h, p1, p2, s0 = self._where(kb)
-        page = self._locate(kb, h, p1, p2, s0)
+        h, p1, p2, s0, page, _ = self._pager.locate(kb)
         if page >= 0:  # update in place: only its page need be locked (invariant 4)
             self._lock(page)
             try:
-                if self._write_locked(page, kb, flags, h, s0, exp_at, make, need_found=True):
+                if self._write_locked(page, kb, flags, h, s0, exp_at, vb, update, True):
                     return
             finally:
                 self._unlock(page)
         pages = self._lock_pages(p1, p2)
         try:
-            mm = self._mm
-            assert mm is not None
-            for p in pages:
-                if self._find(mm, L.page_offset(self.page_size, p), kb, h, s0)[1]:
-                    self._write_locked(p, kb, flags, h, s0, exp_at, make, need_found=True)
-                    return
-            self._write_locked(self._roomier(mm, p1, p2), kb, flags, h, s0, exp_at, make, need_found=False)
+            page, roomier = self._pager.locate(kb)[4:]
+            self._write_locked(roomier if page < 0 else page, kb, flags, h, s0, exp_at, vb, update, False)
         finally:
             self._unlock_pages(pages)
 
-    def _roomier(self, mm: mmap.mmap, p1: int, p2: int) -> int:
-        """Of a key's two pages, the one with more reclaimable room (two-choice placement)."""
-        if p1 == p2:
-            return p1
-        _, _, b1, d1 = _counts_at(mm, L.page_offset(self.page_size, p1) + 8)
-        _, _, b2, d2 = _counts_at(mm, L.page_offset(self.page_size, p2) + 8)
-        return p1 if b1 - d1 <= b2 - d2 else p2
-
     def _write_locked(
-        self, page: int, kb: bytes, flags: int, h: int, s0: int, exp_at: float,
-        make: Callable[[bytes | None], bytes], need_found: bool,
+        self, page: int, kb: bytes, flags: int, h: int, s0: int, exp_at: float, vb: bytes,
+        update: Callable[[bytes | None], bytes] | None, need_found: bool,
     ) -> bool:
-        mm = self._mm
+        """With the page locked: write the key's new entry there.  False (nothing done)
+        if ``need_found`` and the key is not in this page."""
+        pager, mm = self._pager, self._mm
         assert mm is not None
-        po = L.page_offset(self.page_size, page)
-        so, eo, free = self._find(mm, po, kb, h, s0)
-        if need_found and not eo:
-            return False
-        old = None
-        if eo:
-            oexp, _, ovlen, oklen, _, _, _ = _entry_at(mm, eo)
-            if not (oexp and oexp <= time.time()):
-                old = mm[eo + 24 + oklen:eo + 24 + oklen + ovlen]
-        vb = make(old)  # may run user code (get_and_set): the page is locked but unmodified
-        span = L.entry_span(len(kb), len(vb))
-        self._bump_seq(mm, po)
+        po = L.HEADER_SIZE + self.page_size * (page + 1)
+        so, eo, free = pager.find(po, kb, h, s0)
+        if not eo:
+            if need_found:
+                return False
+            so = free
+        if update is not None:
+            old = None
+            if eo:
+                oexp, _, ovlen, oklen, _, _, _ = _entry_at(mm, eo)
+                if not (oexp and oexp <= time.time()):
+                    old = mm[eo + 24 + oklen:eo + 24 + oklen + ovlen]
+            vb = update(old)  # user code (get_and_set): the page is locked but unchanged
+        if pager.append(po, so, eo, kb, flags, h, vb, exp_at, True):
+            return True
+        pager.bump(po)
         try:
-            _, used, bump, _ = _counts_at(mm, po + 8)
-            if bump + span > self.page_size or (not eo and (used >= self._max_used or not free)):
-                self._make_room(mm, page, po, span, eo, new_slot=not eo)
-                so, eo, free = self._find(mm, po, kb, h, s0)
-            self._append(mm, po, so if eo else free, eo, kb, flags, h, vb, exp_at, span)
+            self._make_room(mm, page, po, L.entry_span(len(kb), len(vb)), eo, new_slot=not eo)
+            so, eo, free = pager.find(po, kb, h, s0)
+            if not pager.append(po, so if eo else free, eo, kb, flags, h, vb, exp_at, False):
+                raise AssertionError("no room in a page after making room")
         finally:
-            self._bump_seq(mm, po)
+            pager.bump(po)
         return True
-
-    def _append(
-        self, mm: mmap.mmap, po: int, so: int, old_eo: int, kb: bytes, flags: int, h: int,
-        vb: bytes, exp_at: float, span: int,
-    ) -> None:
-        ne, used, bump, dead = _counts_at(mm, po + 8)
-        eo = po + bump
-        klen, vlen = len(kb), len(vb)
-        crc = crc32(vb, crc32(kb, crc32(L.ENTRY_HEAD.pack(exp_at, h, vlen, klen, flags))))
-        L.ENTRY.pack_into(mm, eo, exp_at, h, vlen, klen, flags, 0, crc)
-        mm[eo + 24:eo + 24 + klen] = kb
-        mm[eo + 24 + klen:eo + 24 + klen + vlen] = vb
-        bump += span
-        L.U32.pack_into(mm, po + L.OFF_BUMP, bump)  # the entry now exists (invariant 2) ...
-        if old_eo:
-            L.SLOT.pack_into(mm, so, bump - span, int(time.time()))  # ... then the slot moves to it
-            mm[old_eo + L.OFF_DEAD] = 1
-            dead += self._span_at(mm, old_eo)
-        else:
-            if _u32_at(mm, so)[0] == L.SLOT_EMPTY:
-                used += 1
-            L.SLOT.pack_into(mm, so, bump - span, int(time.time()))
-            ne += 1
-        L.COUNTS.pack_into(mm, po + 8, ne, used, bump, dead)
 
     def _span_at(self, mm: mmap.mmap, eo: int) -> int:
         _, _, vlen, klen, _, _, _ = _entry_at(mm, eo)
@@ -642,7 +513,8 @@ class MmapStore:
         """Free ``span`` contiguous bytes (and a slot if ``new_slot``): expired entries
         first, then least recently used ones, never ``keep`` unless nothing else is left."""
         now = time.time()
-        entries = sorted(self._live(mm, po), key=lambda e: e[2])
+        t = L.tick(now)
+        entries = sorted(self._live(mm, po), key=lambda e: (t - e[2]) & L.TICK_MASK, reverse=True)
         expired = [e for e in entries if e[3] and e[3] <= now]
         for so, eo, _, _ in expired:
             self._kill(mm, po, so, eo)
@@ -743,7 +615,8 @@ class MmapStore:
             off, atime = _slot_at(mm, base + (i << 3))
             atimes[off] = atime
         bump = min(max(_u32_at(mm, po + L.OFF_BUMP)[0], self._d0), self.page_size)
-        now, t = time.time(), int(time.time())
+        now = time.time()
+        t = L.tick(now)
         latest: dict[bytes, tuple[int, int]] = {}
         expired = 0
         pos = self._d0
@@ -902,7 +775,7 @@ class MmapStore:
                     if is_dead or crc32(body, crc32(mm[eo:eo + L.ENTRY_CRC_SPAN])) != crc:
                         problems.append(f"page {page}: slot {i} holds a dead or damaged entry")
                         continue
-                    if h != crc32(kb, self._seed) or page not in self._where(kb)[1:3]:
+                    if h != crc32(kb, self._seed) or page not in self._pager.where(kb)[1:3]:
                         problems.append(f"page {page}: key {kb!r} is in a page it does not hash to")
                     if kb in seen:
                         problems.append(f"key {kb!r} is in pages {seen[kb]} and {page}")

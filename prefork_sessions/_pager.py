@@ -1,0 +1,223 @@
+"""The store's hot path: hashing a key to its pages, probing a page, lock-free reads.
+
+``Pager`` is the reference implementation; ``_speedups.Pager`` (C) implements the
+same interface and is used when it could be built.  Offsets are absolute offsets
+in the mapping.  See ``_layout`` for the format and the seqlock rules.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import struct
+import time
+from zlib import crc32
+
+from . import _layout as L
+
+FIB = 0x9E3779B1  # Fibonacci hashing multiplier: spreads the second page choice
+READ_TRIES = 4
+
+_seq_at = L.SEQ.unpack_from
+_u32_at = L.U32.unpack_from
+_entry_at = L.ENTRY.unpack_from
+TORN = (struct.error, IndexError, ValueError, OverflowError)  # what a torn read can raise
+F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+FLOCK = struct.Struct("hhqqi")  # struct flock: type, whence, start, len, pid (0 for OFD locks)
+
+
+class Pager:
+    """Hot-path access to a mapped store file of a given geometry."""
+
+    def __init__(
+        self, mm: mmap.mmap, fd: int, seed: int, npages: int, page_size: int, nslots: int, max_used: int
+    ) -> None:
+        self._mm: mmap.mmap | None = mm
+        self._fd, self._seed, self._n, self._ps, self._nslots = fd, seed, npages, page_size, nslots
+        self._max_used = max_used
+
+    def close(self) -> None:
+        """Forget the mapping."""
+        self._mm = None
+
+    def where(self, kb: bytes) -> tuple[int, int, int, int]:
+        """(hash, first page, second page, first slot) of a key."""
+        n = self._n
+        h = crc32(kb, self._seed)
+        p1 = h % n
+        p2 = ((h * FIB) & 0xFFFFFFFF) * n >> 32
+        if p2 == p1 and n > 1:
+            p2 = (p1 + 1) % n
+        return h, p1, p2, (h // n) % self._nslots
+
+    def find(self, po: int, kb: bytes, h: int, s0: int) -> tuple[int, int, int]:
+        """Probe the page at ``po``: (slot offset, entry offset, first free slot offset).
+
+        Entry offset 0 means absent; the free slot is the first tombstone or the
+        empty slot that ended the probe (0 if the table has neither).
+        """
+        mm = self._mm
+        assert mm is not None
+        nslots = self._nslots
+        base = po + L.PAGE_HDR_SIZE
+        klen = len(kb)
+        free = 0
+        i = s0
+        for _ in range(nslots):
+            so = base + (i << 3)
+            off = _u32_at(mm, so)[0]
+            if off == L.SLOT_EMPTY:
+                return so, 0, free or so
+            if off == L.SLOT_TOMB:
+                if not free:
+                    free = so
+            else:
+                eo = po + off
+                _, eh, _, ek, _, _, _ = _entry_at(mm, eo)
+                if eh == h and ek == klen and mm[eo + 24:eo + 24 + klen] == kb:
+                    return so, eo, free
+            i += 1
+            if i == nslots:
+                i = 0
+        return 0, 0, free
+
+    def locate(self, kb: bytes) -> tuple[int, int, int, int, int, int]:
+        """(hash, p1, p2, first slot, page holding the key or -1, roomier page).
+
+        A lock-free guess, authoritative when both pages are locked.  The roomier
+        page (fewer live bytes) is where a new key goes: two-choice placement."""
+        mm = self._mm
+        assert mm is not None
+        h, p1, p2, s0 = self.where(kb)
+        po1, po2 = L.page_offset(self._ps, p1), L.page_offset(self._ps, p2)
+        page = -1
+        try:
+            if self.find(po1, kb, h, s0)[1]:
+                page = p1
+            elif p2 != p1 and self.find(po2, kb, h, s0)[1]:
+                page = p2
+        except TORN:
+            pass
+        _, _, b1, d1 = L.COUNTS.unpack_from(mm, po1 + 8)
+        _, _, b2, d2 = L.COUNTS.unpack_from(mm, po2 + 8)
+        return h, p1, p2, s0, page, p1 if b1 - d1 <= b2 - d2 else p2
+
+    def read(self, kb: bytes) -> tuple[bytes, float] | None | bool:
+        """Lock-free read: (value, expire_at), None (absent or expired), or False
+        when writers kept the pages busy (the caller then reads under the lock)."""
+        mm = self._mm
+        assert mm is not None
+        h, p1, p2, s0 = self.where(kb)
+        po1, po2 = L.page_offset(self._ps, p1), L.page_offset(self._ps, p2)
+        klen = len(kb)
+        for _ in range(READ_TRIES):
+            try:
+                s1 = _seq_at(mm, po1)[0]
+                if s1 & 1:
+                    continue
+                so, eo, _ = self.find(po1, kb, h, s0)
+                po, s = po1, s1
+                if not eo and p2 != p1:
+                    s2 = _seq_at(mm, po2)[0]
+                    if s2 & 1:
+                        continue
+                    so, eo, _ = self.find(po2, kb, h, s0)
+                    po, s = po2, s2
+                    if not eo and _seq_at(mm, po1)[0] != s1:
+                        continue
+                if not eo:
+                    if _seq_at(mm, po)[0] != s:
+                        continue
+                    return None
+                exp, eh, vlen, ek, flags, _, crc = _entry_at(mm, eo)
+                start = eo + 24 + klen
+                value = mm[start:start + vlen]
+                if len(value) != vlen or _seq_at(mm, po)[0] != s:
+                    continue
+            except TORN:
+                continue
+            if crc32(value, crc32(kb, crc32(L.ENTRY_HEAD.pack(exp, eh, vlen, ek, flags)))) != crc:
+                continue
+            now = time.time()
+            if exp and exp <= now:
+                return None
+            t = L.tick(now)
+            if _u32_at(mm, so + 4)[0] != t:
+                L.U32.pack_into(mm, so + 4, t)  # LRU hint, deliberately unlocked (see _layout)
+            return value, exp
+        return False
+
+    def _flock(self, page: int, kind: int) -> bool:
+        arg = FLOCK.pack(kind, 0, L.page_offset(self._ps, page), 1, 0)
+        try:
+            fcntl.fcntl(self._fd, F_OFD_SETLK, arg)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        return True
+
+    def lock(self, page: int) -> int:
+        """Try to lock a page's byte (page -1: the spare) for this open file description.
+
+        0: locked and sound; 1: locked, but seq is odd (a writer died: repair
+        first); -1: another holder has it."""
+        if not self._flock(page, fcntl.F_WRLCK):
+            return -1
+        if page < 0:
+            return 0
+        return int(_seq_at(self._mm, L.page_offset(self._ps, page))[0] & 1)  # type: ignore[arg-type]
+
+    def unlock(self, page: int) -> None:
+        """Release a page's lock."""
+        self._flock(page, fcntl.F_UNLCK)
+
+    def bump(self, po: int) -> None:
+        """seq += 1: odd before a page's first change, even after its last."""
+        L.SEQ.pack_into(self._mm, po, _seq_at(self._mm, po)[0] + 1)  # type: ignore[arg-type]
+
+    def append(
+        self, po: int, so: int, old_eo: int, kb: bytes, flags: int, h: int, vb: bytes,
+        exp_at: float, bracket: bool,
+    ) -> bool:
+        """Write a new entry at the page's bump pointer and point slot ``so`` at it,
+        marking ``old_eo`` dead (0: a new key).  Returns False, changing nothing,
+        when the page lacks the room or the slot.  ``bracket``: make seq odd/even
+        around the change."""
+        mm = self._mm
+        assert mm is not None
+        ne, used, bump, dead = L.COUNTS.unpack_from(mm, po + 8)
+        klen, vlen = len(kb), len(vb)
+        span = L.entry_span(klen, vlen)
+        if bump + span > self._ps or not so:
+            return False
+        slot_empty = _u32_at(mm, so)[0] == L.SLOT_EMPTY
+        if not old_eo and slot_empty and used >= self._max_used:
+            return False
+        if bracket:
+            self.bump(po)
+        eo = po + bump
+        crc = crc32(vb, crc32(kb, crc32(L.ENTRY_HEAD.pack(exp_at, h, vlen, klen, flags))))
+        L.ENTRY.pack_into(mm, eo, exp_at, h, vlen, klen, flags, 0, crc)
+        mm[eo + 24:eo + 24 + klen] = kb
+        mm[eo + 24 + klen:eo + 24 + klen + vlen] = vb
+        L.U32.pack_into(mm, po + L.OFF_BUMP, bump + span)  # the entry exists (invariant 2) ...
+        L.SLOT.pack_into(mm, so, bump, L.tick(time.time()))  # ... then a slot points at it
+        if old_eo:
+            mm[old_eo + L.OFF_DEAD] = 1
+            _, _, ovlen, oklen, _, _, _ = _entry_at(mm, old_eo)
+            dead += L.entry_span(oklen, ovlen)
+        else:
+            used += slot_empty
+            ne += 1
+        L.COUNTS.pack_into(mm, po + 8, ne, used, bump + span, dead)
+        if bracket:
+            self.bump(po)
+        return True
+
+
+try:
+    from ._speedups import Pager as FastPager
+except ImportError:  # no compiler at install time: the reference implementation serves
+    FastPager = Pager  # type: ignore[misc,assignment]

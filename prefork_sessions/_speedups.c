@@ -1,0 +1,444 @@
+/* C version of prefork_sessions._pager.Pager: the store's hot path (hashing,
+ * slot probing and the lock-free seqlock read).  It implements exactly the
+ * format and rules of _layout.py and the algorithm of _pager.py, which remains
+ * the reference and the fallback when this module cannot be built.
+ *
+ * Seqlock: the page's seq is loaded with acquire ordering before and after the
+ * entry is copied, so the copy is validated on every CPU architecture. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <time.h>
+#include <zlib.h>
+
+#define HEADER_SIZE 4096
+#define PAGE_HDR_SIZE 64
+#define ENTRY_SIZE 24
+#define ENTRY_CRC_SPAN 19
+#define SLOT_EMPTY 0
+#define SLOT_TOMB 1
+#define FIB 0x9E3779B1u
+#define READ_TRIES 4
+#define OFF_COUNTS 8
+#define OFF_DEAD 19
+#ifndef F_OFD_SETLK
+#define F_OFD_SETLK 37
+#endif
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;      /* the writable mapping; held until close() */
+    int have_view;
+    uint32_t seed;
+    int fd;
+    Py_ssize_t npages, page_size, nslots, max_used;
+} Pager;
+
+typedef struct {
+    double expire_at;
+    uint32_t hash, vlen;
+    uint16_t klen;
+    uint8_t flags, dead;
+    uint32_t crc;
+} Entry;
+
+/* last-access clock for LRU: 1/16 s units, wrapping (see _layout.tick) */
+static inline uint32_t tick(const struct timespec *ts) {
+    return (uint32_t)((uint64_t)ts->tv_sec * 16u + (uint64_t)ts->tv_nsec / 62500000u);
+}
+
+static inline uint64_t load_seq(const char *p) {
+    return __atomic_load_n((const uint64_t *)p, __ATOMIC_ACQUIRE);
+}
+
+static inline void read_entry(const char *p, Entry *e) {
+    memcpy(&e->expire_at, p, 8);
+    memcpy(&e->hash, p + 8, 4);
+    memcpy(&e->vlen, p + 12, 4);
+    memcpy(&e->klen, p + 16, 2);
+    e->flags = (uint8_t)p[18];
+    e->dead = (uint8_t)p[19];
+    memcpy(&e->crc, p + 20, 4);
+}
+
+static inline void where(Pager *self, const char *k, Py_ssize_t klen,
+                         uint32_t *h, Py_ssize_t *p1, Py_ssize_t *p2, Py_ssize_t *s0) {
+    uint32_t hh = (uint32_t)crc32(self->seed, (const Bytef *)k, (uInt)klen);
+    Py_ssize_t n = self->npages;
+    *h = hh;
+    *p1 = (Py_ssize_t)(hh % (uint64_t)n);
+    *p2 = (Py_ssize_t)(((uint64_t)(uint32_t)(hh * FIB) * (uint64_t)n) >> 32);
+    if (*p2 == *p1 && n > 1)
+        *p2 = (*p1 + 1) % n;
+    *s0 = (Py_ssize_t)((hh / (uint64_t)n) % (uint64_t)self->nslots);
+}
+
+static inline Py_ssize_t page_off(Pager *self, Py_ssize_t page) {
+    return HEADER_SIZE + self->page_size * (page + 1);
+}
+
+/* Probe page at po for key. Returns 0 when done (found or not), -1 when the
+ * page looked torn (only possible without the lock).  *so/*eo/*fr as in
+ * _pager.Pager.find (absolute offsets; eo 0 = absent). */
+static int probe(Pager *self, Py_ssize_t po, const char *k, Py_ssize_t klen, uint32_t h,
+                 Py_ssize_t s0, Py_ssize_t *so_out, Py_ssize_t *eo_out, Py_ssize_t *free_out) {
+    const char *buf = (const char *)self->view.buf;
+    Py_ssize_t nslots = self->nslots, ps = self->page_size;
+    Py_ssize_t base = po + PAGE_HDR_SIZE, i = s0, fr = 0;
+    for (Py_ssize_t step = 0; step < nslots; step++) {
+        Py_ssize_t so = base + (i << 3);
+        uint32_t off;
+        memcpy(&off, buf + so, 4);
+        if (off == SLOT_EMPTY) {
+            *so_out = so; *eo_out = 0; *free_out = fr ? fr : so;
+            return 0;
+        }
+        if (off == SLOT_TOMB) {
+            if (!fr) fr = so;
+        } else {
+            if ((Py_ssize_t)off + ENTRY_SIZE > ps) return -1;
+            Py_ssize_t eo = po + off;
+            uint32_t eh; uint16_t ek;
+            memcpy(&eh, buf + eo + 8, 4);
+            memcpy(&ek, buf + eo + 16, 2);
+            if (eh == h && ek == klen) {
+                if ((Py_ssize_t)off + ENTRY_SIZE + klen > ps) return -1;
+                if (memcmp(buf + eo + ENTRY_SIZE, k, (size_t)klen) == 0) {
+                    *so_out = so; *eo_out = eo; *free_out = fr;
+                    return 0;
+                }
+            }
+        }
+        if (++i == nslots) i = 0;
+    }
+    *so_out = 0; *eo_out = 0; *free_out = fr;
+    return 0;
+}
+
+static int get_key(PyObject *key, const char **k, Py_ssize_t *klen) {
+    if (!PyBytes_Check(key)) {
+        PyErr_SetString(PyExc_TypeError, "key must be bytes");
+        return -1;
+    }
+    *k = PyBytes_AS_STRING(key);
+    *klen = PyBytes_GET_SIZE(key);
+    return 0;
+}
+
+static int check_open(Pager *self) {
+    if (!self->have_view) {
+        PyErr_SetString(PyExc_ValueError, "pager is closed");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *Pager_where(Pager *self, PyObject *key) {
+    const char *k; Py_ssize_t klen, p1, p2, s0; uint32_t h;
+    if (get_key(key, &k, &klen) < 0) return NULL;
+    where(self, k, klen, &h, &p1, &p2, &s0);
+    return Py_BuildValue("(Innn)", h, p1, p2, s0);
+}
+
+static PyObject *Pager_find(Pager *self, PyObject *const *args, Py_ssize_t nargs) {
+    const char *k; Py_ssize_t klen, po, s0, so, eo, fr;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "find(page_offset, key, hash, first_slot)");
+        return NULL;
+    }
+    if (check_open(self) < 0 || get_key(args[1], &k, &klen) < 0) return NULL;
+    po = PyLong_AsSsize_t(args[0]);
+    uint32_t h = (uint32_t)PyLong_AsUnsignedLong(args[2]);
+    s0 = PyLong_AsSsize_t(args[3]);
+    if (PyErr_Occurred()) return NULL;
+    if (po < HEADER_SIZE || po + self->page_size > self->view.len || s0 < 0 || s0 >= self->nslots) {
+        PyErr_SetString(PyExc_ValueError, "page offset or slot out of range");
+        return NULL;
+    }
+    if (probe(self, po, k, klen, h, s0, &so, &eo, &fr) < 0) {
+        PyErr_SetString(PyExc_ValueError, "torn page");
+        return NULL;
+    }
+    return Py_BuildValue("(nnn)", so, eo, fr);
+}
+
+/* live bytes of a page: bump - dead */
+static inline int64_t page_load(Pager *self, Py_ssize_t page) {
+    uint32_t counts[4];
+    memcpy(counts, (const char *)self->view.buf + page_off(self, page) + OFF_COUNTS, 16);
+    return (int64_t)counts[2] - (int64_t)counts[3];
+}
+
+/* locate(key) -> (hash, p1, p2, first_slot, page holding it or -1, roomier page).
+ * A lock-free guess, authoritative when both pages are locked. */
+static PyObject *Pager_locate(Pager *self, PyObject *key) {
+    const char *k; Py_ssize_t klen, p1, p2, s0, so, eo, fr, page = -1; uint32_t h;
+    if (check_open(self) < 0 || get_key(key, &k, &klen) < 0) return NULL;
+    where(self, k, klen, &h, &p1, &p2, &s0);
+    if (probe(self, page_off(self, p1), k, klen, h, s0, &so, &eo, &fr) == 0 && eo)
+        page = p1;
+    else if (p2 != p1 && probe(self, page_off(self, p2), k, klen, h, s0, &so, &eo, &fr) == 0 && eo)
+        page = p2;
+    Py_ssize_t roomier = page_load(self, p1) <= page_load(self, p2) ? p1 : p2;
+    return Py_BuildValue("(Innnnn)", h, p1, p2, s0, page, roomier);
+}
+
+/* read(key) -> (value bytes, expire_at) | None (absent or expired) | False (contended) */
+static PyObject *Pager_read(Pager *self, PyObject *key) {
+    const char *k; Py_ssize_t klen, p1, p2, s0; uint32_t h;
+    if (check_open(self) < 0 || get_key(key, &k, &klen) < 0) return NULL;
+    where(self, k, klen, &h, &p1, &p2, &s0);
+    char *buf = (char *)self->view.buf;
+    Py_ssize_t po1 = page_off(self, p1), po2 = page_off(self, p2), ps = self->page_size;
+    for (int attempt = 0; attempt < READ_TRIES; attempt++) {
+        Py_ssize_t so, eo, fr, po;
+        uint64_t s1 = load_seq(buf + po1), s;
+        if (s1 & 1) continue;
+        if (probe(self, po1, k, klen, h, s0, &so, &eo, &fr) < 0) continue;
+        po = po1; s = s1;
+        if (!eo && p2 != p1) {
+            uint64_t s2 = load_seq(buf + po2);
+            if (s2 & 1) continue;
+            if (probe(self, po2, k, klen, h, s0, &so, &eo, &fr) < 0) continue;
+            po = po2; s = s2;
+            if (!eo && load_seq(buf + po1) != s1) continue;
+        }
+        if (!eo) {
+            if (load_seq(buf + po) != s) continue;
+            Py_RETURN_NONE;
+        }
+        Entry e;
+        read_entry(buf + eo, &e);
+        if (eo - po + ENTRY_SIZE + klen + (Py_ssize_t)e.vlen > ps) continue;
+        PyObject *value = PyBytes_FromStringAndSize(buf + eo + ENTRY_SIZE + klen, e.vlen);
+        if (!value) return NULL;
+        if (load_seq(buf + po) != s) { Py_DECREF(value); continue; }
+        /* checksum the validated copies, not the live mapping */
+        char head[ENTRY_CRC_SPAN];
+        memcpy(head, &e.expire_at, 8); memcpy(head + 8, &e.hash, 4);
+        memcpy(head + 12, &e.vlen, 4); memcpy(head + 16, &e.klen, 2);
+        head[18] = (char)e.flags;
+        uLong crc = crc32(0L, (const Bytef *)head, ENTRY_CRC_SPAN);
+        crc = crc32(crc, (const Bytef *)k, (uInt)klen);
+        crc = crc32(crc, (const Bytef *)PyBytes_AS_STRING(value), (uInt)e.vlen);
+        if ((uint32_t)crc != e.crc) { Py_DECREF(value); continue; }
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        double now = (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+        if (e.expire_at != 0.0 && e.expire_at <= now) { Py_DECREF(value); Py_RETURN_NONE; }
+        /* LRU hint, deliberately unlocked: it lives in the slot table (see _layout) */
+        uint32_t t = tick(&ts), old;
+        memcpy(&old, buf + so + 4, 4);
+        if (old != t) __atomic_store_n((uint32_t *)(buf + so + 4), t, __ATOMIC_RELAXED);
+        PyObject *exp = PyFloat_FromDouble(e.expire_at);
+        if (!exp) { Py_DECREF(value); return NULL; }
+        PyObject *res = PyTuple_Pack(2, value, exp);
+        Py_DECREF(value); Py_DECREF(exp);
+        return res;
+    }
+    Py_RETURN_FALSE;
+}
+
+
+/* lock(page) -> 0 locked and sound, 1 locked but seq odd (repair first), -1 busy */
+static PyObject *Pager_lock(Pager *self, PyObject *arg) {
+    Py_ssize_t page = PyLong_AsSsize_t(arg);
+    if (page == -1 && PyErr_Occurred()) return NULL;
+    if (check_open(self) < 0) return NULL;
+    struct flock fl = {0};
+    fl.l_type = F_WRLCK; fl.l_whence = SEEK_SET; fl.l_start = page_off(self, page); fl.l_len = 1;
+    if (fcntl(self->fd, F_OFD_SETLK, &fl) < 0) {
+        if (errno == EAGAIN || errno == EACCES) return PyLong_FromLong(-1);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (page < 0) return PyLong_FromLong(0);
+    return PyLong_FromLong((long)(load_seq((const char *)self->view.buf + page_off(self, page)) & 1));
+}
+
+static PyObject *Pager_unlock(Pager *self, PyObject *arg) {
+    Py_ssize_t page = PyLong_AsSsize_t(arg);
+    if (page == -1 && PyErr_Occurred()) return NULL;
+    struct flock fl = {0};
+    fl.l_type = F_UNLCK; fl.l_whence = SEEK_SET; fl.l_start = page_off(self, page); fl.l_len = 1;
+    if (fcntl(self->fd, F_OFD_SETLK, &fl) < 0) return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+static inline void bump_seq(char *seq) {
+    uint64_t v = __atomic_load_n((uint64_t *)seq, __ATOMIC_RELAXED) + 1;
+    if (v & 1) {  /* odd before the first data store */
+        __atomic_store_n((uint64_t *)seq, v, __ATOMIC_RELAXED);
+        __atomic_thread_fence(__ATOMIC_RELEASE);
+    } else {      /* even after the last */
+        __atomic_store_n((uint64_t *)seq, v, __ATOMIC_RELEASE);
+    }
+}
+
+static PyObject *Pager_bump(Pager *self, PyObject *arg) {
+    Py_ssize_t po = PyLong_AsSsize_t(arg);
+    if (po == -1 && PyErr_Occurred()) return NULL;
+    if (check_open(self) < 0) return NULL;
+    if (po < HEADER_SIZE || po + self->page_size > self->view.len) {
+        PyErr_SetString(PyExc_ValueError, "page offset out of range");
+        return NULL;
+    }
+    bump_seq((char *)self->view.buf + po);
+    Py_RETURN_NONE;
+}
+
+/* append(po, so, old_eo, key, flags, hash, value, expire_at, bracket) -> bool
+ * Write a new entry at the page's bump pointer and point slot `so` at it,
+ * marking `old_eo` dead (0: a new key).  Returns False, changing nothing, when
+ * the page lacks the room or the slot.  bracket: make seq odd/even around it. */
+static PyObject *Pager_append(Pager *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "append() takes 9 arguments");
+        return NULL;
+    }
+    if (check_open(self) < 0) return NULL;
+    Py_ssize_t po = PyLong_AsSsize_t(args[0]), so = PyLong_AsSsize_t(args[1]);
+    Py_ssize_t old_eo = PyLong_AsSsize_t(args[2]);
+    long flags = PyLong_AsLong(args[4]);
+    uint32_t h = (uint32_t)PyLong_AsUnsignedLong(args[5]);
+    double exp = PyFloat_AsDouble(args[7]);
+    int bracket = PyObject_IsTrue(args[8]);
+    if (PyErr_Occurred()) return NULL;
+    if (!PyBytes_Check(args[3]) || !PyBytes_Check(args[6])) {
+        PyErr_SetString(PyExc_TypeError, "key and value must be bytes");
+        return NULL;
+    }
+    const char *k = PyBytes_AS_STRING(args[3]), *v = PyBytes_AS_STRING(args[6]);
+    Py_ssize_t klen = PyBytes_GET_SIZE(args[3]), vlen = PyBytes_GET_SIZE(args[6]);
+    Py_ssize_t ps = self->page_size;
+    if (po < HEADER_SIZE || po + ps > self->view.len || klen > 0xFFFF || vlen > 0xFFFFFFFFL
+        || (so && (so < po + PAGE_HDR_SIZE || so >= po + PAGE_HDR_SIZE + (self->nslots << 3)))
+        || (old_eo && (old_eo < po || old_eo + ENTRY_SIZE > po + ps))) {
+        PyErr_SetString(PyExc_ValueError, "append: offsets out of range");
+        return NULL;
+    }
+    char *buf = (char *)self->view.buf, *page = buf + po;
+    uint32_t counts[4];  /* entries, used, bump, dead */
+    memcpy(counts, page + OFF_COUNTS, 16);
+    Py_ssize_t span = (ENTRY_SIZE + klen + vlen + 7) & ~(Py_ssize_t)7;
+    uint32_t cur;
+    if ((Py_ssize_t)counts[2] + span > ps || !so) Py_RETURN_FALSE;
+    memcpy(&cur, buf + so, 4);
+    if (!old_eo && cur == SLOT_EMPTY && (Py_ssize_t)counts[1] >= self->max_used) Py_RETURN_FALSE;
+    if (bracket) bump_seq(page);
+    char head[ENTRY_SIZE];
+    uint16_t k16 = (uint16_t)klen; uint32_t v32 = (uint32_t)vlen; uint8_t f8 = (uint8_t)flags, zero = 0;
+    memcpy(head, &exp, 8); memcpy(head + 8, &h, 4); memcpy(head + 12, &v32, 4);
+    memcpy(head + 16, &k16, 2); head[18] = (char)f8; head[19] = (char)zero;
+    uint32_t crc = (uint32_t)crc32(crc32(crc32(0L, (const Bytef *)head, ENTRY_CRC_SPAN),
+                                         (const Bytef *)k, (uInt)klen), (const Bytef *)v, (uInt)vlen);
+    memcpy(head + 20, &crc, 4);
+    char *e = page + counts[2];
+    memcpy(e, head, ENTRY_SIZE);
+    memcpy(e + ENTRY_SIZE, k, (size_t)klen);
+    memcpy(e + ENTRY_SIZE + klen, v, (size_t)vlen);
+    uint32_t at = counts[2];
+    counts[2] += (uint32_t)span;
+    /* the entry exists before bump passes it, and bump before a slot points at it */
+    __atomic_store_n((uint32_t *)(page + OFF_COUNTS + 8), counts[2], __ATOMIC_RELEASE);
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    uint32_t slot[2] = {at, tick(&ts)};
+    if (old_eo) {
+        memcpy(buf + so, slot, 8);
+        buf[old_eo + OFF_DEAD] = 1;
+        uint32_t ov; uint16_t ok;
+        memcpy(&ov, buf + old_eo + 12, 4); memcpy(&ok, buf + old_eo + 16, 2);
+        counts[3] += (uint32_t)((ENTRY_SIZE + ok + ov + 7) & ~7u);
+    } else {
+        if (cur == SLOT_EMPTY) counts[1]++;
+        memcpy(buf + so, slot, 8);
+        counts[0]++;
+    }
+    memcpy(page + OFF_COUNTS, counts, 16);
+    if (bracket) bump_seq(page);
+    Py_RETURN_TRUE;
+}
+
+static PyObject *Pager_close(Pager *self, PyObject *unused) {
+    if (self->have_view) {
+        PyBuffer_Release(&self->view);
+        self->have_view = 0;
+    }
+    Py_RETURN_NONE;
+}
+
+static int Pager_init(Pager *self, PyObject *args, PyObject *kw) {
+    PyObject *mm; unsigned long seed; int fd; Py_ssize_t npages, page_size, nslots, max_used;
+    static char *kwlist[] = {"mm", "fd", "seed", "npages", "page_size", "nslots", "max_used", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "Oiknnnn", kwlist, &mm, &fd, &seed, &npages,
+                                     &page_size, &nslots, &max_used))
+        return -1;
+    if (npages < 1 || nslots < 1 || page_size < 4096 || max_used < 1 || max_used >= nslots) {
+        PyErr_SetString(PyExc_ValueError, "bad geometry");
+        return -1;
+    }
+    Pager_close(self, NULL);
+    if (PyObject_GetBuffer(mm, &self->view, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0) return -1;
+    self->have_view = 1;
+    if (self->view.len < HEADER_SIZE + page_size * (npages + 1)) {
+        Pager_close(self, NULL);
+        PyErr_SetString(PyExc_ValueError, "mapping smaller than its geometry");
+        return -1;
+    }
+    self->seed = (uint32_t)seed;
+    self->fd = fd;
+    self->npages = npages; self->page_size = page_size; self->nslots = nslots;
+    self->max_used = max_used;
+    return 0;
+}
+
+static void Pager_dealloc(Pager *self) {
+    Pager_close(self, NULL);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef Pager_methods[] = {
+    {"where", (PyCFunction)Pager_where, METH_O, "where(key) -> (hash, p1, p2, first_slot)"},
+    {"find", (PyCFunction)(void (*)(void))Pager_find, METH_FASTCALL, "find(po, key, hash, s0) -> (so, eo, free)"},
+    {"locate", (PyCFunction)Pager_locate, METH_O, "locate(key) -> (hash, p1, p2, s0, page or -1, roomier page)"},
+    {"read", (PyCFunction)Pager_read, METH_O, "read(key) -> (value, expire_at) | None | False"},
+    {"lock", (PyCFunction)Pager_lock, METH_O, "lock(page) -> 0 | 1 (seq odd) | -1 (busy)"},
+    {"unlock", (PyCFunction)Pager_unlock, METH_O, "unlock(page)"},
+    {"bump", (PyCFunction)Pager_bump, METH_O, "bump(page_offset): seq += 1 (odd: begin, even: end)"},
+    {"append", (PyCFunction)(void (*)(void))Pager_append, METH_FASTCALL,
+     "append(po, so, old_eo, key, flags, hash, value, expire_at, bracket) -> bool"},
+    {"close", (PyCFunction)Pager_close, METH_NOARGS, "release the mapping"},
+    {NULL}
+};
+
+static PyTypeObject PagerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "prefork_sessions._speedups.Pager",
+    .tp_basicsize = sizeof(Pager),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Pager_init,
+    .tp_dealloc = (destructor)Pager_dealloc,
+    .tp_methods = Pager_methods,
+    .tp_doc = "Hot-path access to a mapped store file (C version of _pager.Pager).",
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_speedups", "C hot path for prefork_sessions.", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__speedups(void) {
+    if (PyType_Ready(&PagerType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    Py_INCREF(&PagerType);
+    if (PyModule_AddObject(m, "Pager", (PyObject *)&PagerType) < 0) {
+        Py_DECREF(&PagerType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
