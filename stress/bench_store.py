@@ -6,7 +6,9 @@ Peers: Cache::FastMmap (Perl, driven by stress/bench_fastmmap.pl), diskcache, lm
 store gets the same keys (``session:<32 hex>``), the same values and the same
 operation sequences (written to a temp dir for the Perl side):
 
-* set: insert every key into an empty store; get: every key, several passes (all hits);
+* set: insert every key into an empty store (the first writes to a fresh file, so
+  this includes each store's first-touch cost); set (overwrite): every key again;
+  get: every key, several passes (all hits);
 * mix: 80 % get / 20 % set on random keys, in 1 process and in 2 processes started
   together (each does --mix-ops; aggregate ops/s = all ops / (last end - first start));
 * incr: ``get_and_set`` increments of --counters counters (peers: FastMmap
@@ -55,9 +57,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without installing
 
 STORES = ("mmapstore", "fastmmap", "diskcache", "lmdb", "redis")
-OPS = ("set", "get", "mix1", "mix2", "incr")
+OPS = ("set", "update", "get", "mix1", "mix2", "incr")
 OP_TITLES = {
     "set": "set (insert)",
+    "update": "set (overwrite)",
     "get": "get (hits)",
     "mix1": "80/20 get/set, 1 proc",
     "mix2": "80/20 get/set, 2 procs",
@@ -464,6 +467,11 @@ def run_python(a: Adapter, wl: Workload, cfg: Config) -> dict[str, dict[str, Any
             for k in keys:
                 set_(k, value)
             res["set"] = {"ops": len(keys), "secs": now() - t0}
+        with no_gc():  # the same keys again: overwrites, on pages the inserts already touched
+            t0 = now()
+            for k in keys:
+                set_(k, value)
+            res["update"] = {"ops": len(keys), "secs": now() - t0}
         hits = 0
         with no_gc():
             t0 = now()

@@ -66,7 +66,7 @@ def test_quick_run_prints_table_for_every_store() -> None:
             for op_row in ("set (insert)", "get (hits)", "80/20 get/set, 2 procs", "get_and_set incr"):
                 assert op_row in out
             rows = re.findall(NUMBER_ROW.format(label=re.escape(label)), out)
-            assert len(rows) == 5, f"{label}: expected 5 rows of numbers\n{out}"
+            assert len(rows) == 6, f"{label}: expected 6 rows of numbers\n{out}"
     if "fastmmap" in stores:
         assert re.search(r"\| MmapStore \(raw\)\s+\|\s+85% \|\s+[\d,]+ \|\s+[\d,]+ \|\s+\d+\.\d\d%", out), out
         assert re.search(r"\[(PASS|FAIL)\] get \(hits\) vs Cache::FastMmap \(raw_values\): \d+\.\d\dx", out), out
@@ -79,7 +79,7 @@ def test_quick_json_output_is_machine_readable() -> None:
     report = json.loads(p.stdout)
     assert report["errors"] == []
     for label in ("MmapStore (raw)", "MmapStore (json)", "lmdb"):
-        for op in ("set", "get", "mix1", "mix2", "incr"):
+        for op in ("set", "update", "get", "mix1", "mix2", "incr"):
             assert report["summary"][label][op]["ops_per_s"] > 0
     assert report["ratios"]["lmdb"]["get"] > 0
     assert report["retention"]["MmapStore (raw)"]["0.85"]["inserted"] > 0
