@@ -3,13 +3,13 @@
 Serves the demo app (``prefork_sessions.demo:app``) on 127.0.0.1:8000 with every
 worker sharing one session file.  Environment variables (defaults in brackets):
 
-    PREFORK_SESSIONS_BIND     address to listen on            [127.0.0.1:8000]
-    PREFORK_SESSIONS_WORKERS  worker processes                [4]
-    PREFORK_SESSIONS_THREADS  threads per worker; >1 = gthread [1]
-    PREFORK_SESSIONS_PRELOAD  1 to load the app in the master [0]
-    PREFORK_SESSIONS_APP      the WSGI app, module:name      [prefork_sessions.demo:app]
-    PREFORK_SESSIONS_PATH     session file                    [<tempdir>/prefork_sessions_demo_session_data]
-    PREFORK_SESSIONS_SIZE     session file size in bytes, used when it is created [16777216]
+    PREFORK_SESSIONS_BIND      listen address                 [127.0.0.1:8000]
+    PREFORK_SESSIONS_WORKERS   worker processes               [4]
+    PREFORK_SESSIONS_THREADS   threads per worker; >1 means gthread workers [1]
+    PREFORK_SESSIONS_PRELOAD   1: load the app in the master  [0]
+    PREFORK_SESSIONS_APP       the WSGI app, module:name      [prefork_sessions.demo:app]
+    PREFORK_SESSIONS_PATH      session file  [<tempdir>/prefork_sessions_demo_session_data]
+    PREFORK_SESSIONS_SIZE      file size in bytes, used when it is created [16777216]
 
 Command-line options override these (``gunicorn -c gunicorn_conf.py -w 8 --preload``).
 For your own app, set PREFORK_SESSIONS_APP and open your MmapStore at
@@ -59,7 +59,10 @@ def on_starting(server):
         mode = os.stat(store.path).st_mode & 0o777
         server.log.info(
             "session store %s: %d pages of %d bytes, mode %04o",
-            store.path, store.num_pages, store.page_size, mode,
+            store.path,
+            store.num_pages,
+            store.page_size,
+            mode,
         )
     finally:
         store.close()  # the master never serves requests: workers open their own

@@ -42,9 +42,9 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, MutableMapping, Protocol
+from typing import Any, Literal, Protocol
 
 from werkzeug.http import dump_cookie
 
@@ -139,7 +139,9 @@ class SessionOptions:
         if not _COOKIE_NAME_RE.fullmatch(self.cookie_name):
             raise ValueError(f"cookie_name {self.cookie_name!r} is not a valid cookie name token")
         if not (math.isfinite(self.lifetime) and self.lifetime > 0):
-            raise ValueError(f"lifetime must be a positive number of seconds, not {self.lifetime!r}")
+            raise ValueError(
+                f"lifetime must be a positive number of seconds, not {self.lifetime!r}"
+            )
         threshold = self.refresh_threshold
         if threshold is not None and not (0 <= threshold <= self.lifetime):
             raise ValueError(
@@ -147,7 +149,9 @@ class SessionOptions:
                 f"not {threshold!r}"
             )
         if self.samesite not in ("Lax", "Strict", "None", None):
-            raise ValueError(f"samesite must be 'Lax', 'Strict', 'None' or None, not {self.samesite!r}")
+            raise ValueError(
+                f"samesite must be 'Lax', 'Strict', 'None' or None, not {self.samesite!r}"
+            )
         if self.samesite == "None" and not self.secure:
             raise ValueError("samesite='None' requires secure=True; browsers reject it otherwise")
         if not self.path.startswith("/"):
@@ -260,8 +264,13 @@ class Session(MutableMapping[str, Any]):
         if not self._loaded:
             return False
         return bool(
-            self._force or self._rotated or self._invalidated or self._new_flashes
-            or self._consumed or self.changed_keys() or self.deleted_keys()
+            self._force
+            or self._rotated
+            or self._invalidated
+            or self._new_flashes
+            or self._consumed
+            or self.changed_keys()
+            or self.deleted_keys()
         )
 
     @modified.setter
@@ -451,11 +460,14 @@ class SessionManager:
             # The store's message names the key, which holds the secret id: redact it.
             reason = str(e).replace(session._sid, "<id>")
             log.error(
-                "session not saved, answering 500: %s: %s (changed keys: %s). Session values must be "
+                "session not saved, answering 500: %s: %s (changed keys: %s). "
+                "Session values must be "
                 "serialisable by the store's serializer (JSON by default: str, int, float, bool, "
                 "None, and lists and dicts of them) and fit in a store page; "
                 "the stored session was left unchanged.",
-                type(e).__name__, reason, sorted(session.changed_keys()),
+                type(e).__name__,
+                reason,
+                sorted(session.changed_keys()),
             )
             return None
         if cookie is not None:
@@ -514,13 +526,27 @@ class SessionManager:
     def _cookie(self, sid: str, expires: float) -> str:
         o = self.options
         return dump_cookie(
-            o.cookie_name, sid, max_age=math.ceil(o.lifetime), expires=int(expires), path=o.path,
-            domain=o.domain, secure=o.secure, httponly=o.httponly, samesite=o.samesite,
+            o.cookie_name,
+            sid,
+            max_age=math.ceil(o.lifetime),
+            expires=int(expires),
+            path=o.path,
+            domain=o.domain,
+            secure=o.secure,
+            httponly=o.httponly,
+            samesite=o.samesite,
         )
 
     def _expired_cookie(self) -> str:
         o = self.options
         return dump_cookie(
-            o.cookie_name, "", max_age=0, expires=0, path=o.path, domain=o.domain,
-            secure=o.secure, httponly=o.httponly, samesite=o.samesite,
+            o.cookie_name,
+            "",
+            max_age=0,
+            expires=0,
+            path=o.path,
+            domain=o.domain,
+            secure=o.secure,
+            httponly=o.httponly,
+            samesite=o.samesite,
         )

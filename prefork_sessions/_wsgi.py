@@ -10,9 +10,9 @@ save that fails (an unserialisable value, say) turns the response into a 500.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from werkzeug.exceptions import HTTPException, InternalServerError
 from werkzeug.http import parse_cookie
@@ -61,12 +61,12 @@ def with_session(
                 try:
                     response = f(*args[:-2], request)
                 except HTTPException as e:
-                    response = e.get_response(environ)  # type: ignore[assignment]
+                    response = e.get_response(environ)
                 if not isinstance(response, Response):
                     response = Response.force_type(response, environ)
                 headers = manager.finish(session, response.status_code)
                 if headers is None:
-                    response = InternalServerError().get_response(environ)  # type: ignore[assignment]
+                    response = InternalServerError().get_response(environ)
                 else:
                     _extend_headers(response.headers, headers)
                 return response(environ, start_response)

@@ -36,12 +36,16 @@ def store_size(environ: dict[str, str] | os._Environ[str] = os.environ) -> int:
     try:
         return int(raw) if raw else DEFAULT_SIZE
     except ValueError:
-        raise ValueError(f"{SIZE_ENV}={raw!r}: give the store size in bytes, e.g. {DEFAULT_SIZE}") from None
+        raise ValueError(
+            f"{SIZE_ENV}={raw!r}: give the store size in bytes, e.g. {DEFAULT_SIZE}"
+        ) from None
 
 
 def open_store(environ: dict[str, str] | os._Environ[str] = os.environ) -> MmapStore:
     """Open (or create) the demo's store as configured by the environment."""
-    return MmapStore(environ.get(PATH_ENV) or None, app_name=APP_NAME, cache_size=store_size(environ))
+    return MmapStore(
+        environ.get(PATH_ENV) or None, app_name=APP_NAME, cache_size=store_size(environ)
+    )
 
 
 store = open_store()

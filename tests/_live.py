@@ -80,14 +80,30 @@ class LiveGunicorn:
         self.port = listener.getsockname()[1]
         fd = listener.fileno()
         command = [
-            sys.executable, "-m", "gunicorn", "-c", str(CONF),
-            "--bind", f"fd://{fd}", "--no-control-socket",
-            "--graceful-timeout", "5", "--timeout", "30", *self.args,
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            str(CONF),
+            "--bind",
+            f"fd://{fd}",
+            "--no-control-socket",
+            "--graceful-timeout",
+            "5",
+            "--timeout",
+            "30",
+            *self.args,
         ]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                command, cwd=REPO, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, pass_fds=(fd,), start_new_session=True,
+                command,
+                cwd=REPO,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                pass_fds=(fd,),
+                start_new_session=True,
             )
         listener.close()  # gunicorn holds its own copy
         try:
@@ -102,13 +118,17 @@ class LiveGunicorn:
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise RuntimeError(f"gunicorn exited with {self.proc.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"gunicorn exited with {self.proc.returncode}:\n{self.log_tail()}"
+                )
             try:
                 request(self.port, "/__ready__", timeout=1.0)
                 return
             except OSError:
                 time.sleep(0.05)
-        raise RuntimeError(f"gunicorn answered nothing in {self.ready_timeout} s:\n{self.log_tail()}")
+        raise RuntimeError(
+            f"gunicorn answered nothing in {self.ready_timeout} s:\n{self.log_tail()}"
+        )
 
     def stop(self) -> int | None:
         """Stop the server (idempotent); return its exit status."""
@@ -135,17 +155,25 @@ class LiveGunicorn:
         except FileNotFoundError:
             return "(no log)"
 
-    def __enter__(self) -> LiveGunicorn:
+    def __enter__(self) -> LiveGunicorn:  # noqa: PYI034
         return self.start()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.stop()
 
 
 def request(
-    port: int, path: str, *, headers: dict[str, str] | None = None, method: str = "GET", timeout: float = 10.0
+    port: int,
+    path: str,
+    *,
+    headers: dict[str, str] | None = None,
+    method: str = "GET",
+    timeout: float = 10.0,
 ) -> tuple[int, http.client.HTTPMessage, bytes]:
     """One request on a new connection (so any worker may take it); (status, headers, body)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)

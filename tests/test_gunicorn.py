@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import stat
 import threading
@@ -19,13 +20,16 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("threads, preload", CONFIGS)
-def test_one_session_counts_without_gaps_across_workers(tmp_path: Path, threads: int, preload: bool) -> None:
+def test_one_session_counts_without_gaps_across_workers(
+    tmp_path: Path, threads: int, preload: bool
+) -> None:
     # A client making one request at a time is handed to the same idle worker
     # nearly every time.  --max-requests 2 retires every worker after two
     # requests, so consecutive requests must reach different processes, some of
     # them freshly forked (with preload, their store comes through post_fork).
-    with LiveGunicorn(tmp_path, workers=4, threads=threads, preload=preload,
-                      args=("--max-requests", "2")) as server:
+    with LiveGunicorn(
+        tmp_path, workers=4, threads=threads, preload=preload, args=("--max-requests", "2")
+    ) as server:
         browser = Browser(server)
         visits, workers = [], []
         for _ in range(16):
@@ -34,7 +38,7 @@ def test_one_session_counts_without_gaps_across_workers(tmp_path: Path, threads:
             workers.append(data["worker"])
         assert visits == list(range(1, 17))
         assert len(set(workers)) >= 4
-        assert sum(a != b for a, b in zip(workers, workers[1:])) >= 4
+        assert sum(a != b for a, b in itertools.pairwise(workers)) >= 4
 
         st = os.stat(server.store_path)
         assert stat.S_IMODE(st.st_mode) == 0o640
@@ -65,7 +69,7 @@ def test_concurrent_clients_keep_their_own_counts(tmp_path: Path) -> None:
             try:
                 browser = Browser(server)
                 results[n] = [browser.json("/")["visits"] for _ in range(10)]
-            except BaseException as e:
+            except Exception as e:  # noqa: BLE001 - reported by the main thread
                 errors.append(e)
 
         threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]

@@ -6,7 +6,8 @@ import logging
 import re
 import sys
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 import pytest
@@ -16,8 +17,7 @@ from werkzeug.exceptions import Forbidden, InternalServerError
 from werkzeug.test import Client, EnvironBuilder
 from werkzeug.wrappers import Response
 
-from prefork_sessions import MmapStore
-from prefork_sessions import _session
+from prefork_sessions import MmapStore, _session
 from prefork_sessions._session import (
     SessionOptions,
     is_valid_session_id,
@@ -94,7 +94,18 @@ def test_new_ids_are_256_bit_urlsafe_and_valid() -> None:
 
 @pytest.mark.parametrize(
     "value",
-    ["", "abc", "a" * 42, "a" * 44, "a" * 42 + "B", "a" * 42 + "=", "a" * 41 + "+A", "a" * 42 + "é", None, 42],
+    [
+        "",
+        "abc",
+        "a" * 42,
+        "a" * 44,
+        "a" * 42 + "B",
+        "a" * 42 + "=",
+        "a" * 41 + "+A",
+        "a" * 42 + "é",
+        None,
+        42,
+    ],
 )
 def test_malformed_ids_are_rejected(value: Any) -> None:
     assert not is_valid_session_id(value)
@@ -143,13 +154,26 @@ def test_first_save_sets_a_cookie_with_secure_defaults(store: MmapStore, clock: 
 
 def test_cookie_options(store: MmapStore) -> None:
     client = client_for(
-        store, counter, cookie_name="sid", secure=True, samesite="Strict", domain="example.org",
-        path="/app", lifetime=600,
+        store,
+        counter,
+        cookie_name="sid",
+        secure=True,
+        samesite="Strict",
+        domain="example.org",
+        path="/app",
+        lifetime=600,
     )
     response = client.get("/app/", base_url="https://example.org")
     [header] = set_cookies(response)
     assert header.startswith("sid=")
-    for part in ("Secure", "HttpOnly", "SameSite=Strict", "Domain=example.org", "Path=/app", "Max-Age=600"):
+    for part in (
+        "Secure",
+        "HttpOnly",
+        "SameSite=Strict",
+        "Domain=example.org",
+        "Path=/app",
+        "Max-Age=600",
+    ):
         assert part in header
 
 
@@ -217,7 +241,9 @@ def test_client_chosen_id_is_never_adopted(store: MmapStore) -> None:
     assert store.get(PREFIX + attacker_id) is None
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(value=st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF), max_size=300))
 def test_any_cookie_value_is_answered(store: MmapStore, value: str) -> None:
     client = Client(with_session(store)(counter), use_cookies=False)
@@ -231,7 +257,9 @@ def test_the_valid_one_of_several_same_name_cookies_is_used(store: MmapStore) ->
     client.get("/")
     sid = sid_of(client)
     raw = Client(with_session(store)(counter), use_cookies=False)
-    response = raw.get("/", headers={"Cookie": f"{COOKIE}=junk; {COOKIE}={new_session_id()}; {COOKIE}={sid}"})
+    response = raw.get(
+        "/", headers={"Cookie": f"{COOKIE}=junk; {COOKIE}={new_session_id()}; {COOKIE}={sid}"}
+    )
     assert response.json == {"n": 2}
 
 
@@ -290,7 +318,9 @@ def test_zero_threshold_means_fixed_lifetime(store: MmapStore, clock: Clock) -> 
     client = client_for(store, counter, lifetime=100, refresh_threshold=0)
     client.get("/")
     sid = sid_of(client)
-    reader = client_for(store, lambda r: json_response(r.session.get("n")), lifetime=100, refresh_threshold=0)
+    reader = client_for(
+        store, lambda r: json_response(r.session.get("n")), lifetime=100, refresh_threshold=0
+    )
     reader.set_cookie(COOKIE, sid)  # type: ignore[arg-type]
     clock.now += 99
     assert set_cookies(reader.get("/")) == []
@@ -483,7 +513,9 @@ def test_unserialisable_value_fails_with_500_and_keeps_the_stored_session(
     [record] = [r for r in caplog.records if r.name == "prefork_sessions"]
     assert record.levelno == logging.ERROR
     message = record.getMessage()
-    assert "session not saved" in message and "'when'" in message and "SerializationError" in message
+    assert (
+        "session not saved" in message and "'when'" in message and "SerializationError" in message
+    )
     assert sid not in message  # the secret id never reaches the logs
 
 
@@ -539,7 +571,9 @@ def test_client_errors_still_save(store: MmapStore) -> None:
 # -- concurrent requests of one user ---------------------------------------------------
 
 
-def test_concurrent_requests_changing_different_keys_both_keep_their_changes(store: MmapStore) -> None:
+def test_concurrent_requests_changing_different_keys_both_keep_their_changes(
+    store: MmapStore,
+) -> None:
     """Request A loads the session; request B runs to completion; then A saves."""
     inner: list[Client] = []
 
@@ -587,7 +621,7 @@ def test_threads_incrementing_different_keys_lose_nothing(store: MmapStore) -> N
             client.set_cookie(COOKIE, sid)  # type: ignore[arg-type]
             for _ in range(25):
                 assert client.get(f"/{key}").status_code == 200
-        except BaseException as e:  # pragma: no cover - reported below
+        except Exception as e:  # noqa: BLE001 - reported by the main thread
             errors.append(e)
 
     threads = [threading.Thread(target=worker, args=(k,)) for k in ("x", "y", "z")]
@@ -683,7 +717,9 @@ def test_middleware_counts_and_sets_the_cookie(store: MmapStore) -> None:
     assert stored(store, sid_of(client))["d"] == {"n": 2}
 
 
-def test_middleware_does_not_save_server_errors(store: MmapStore, caplog: pytest.LogCaptureFixture) -> None:
+def test_middleware_does_not_save_server_errors(
+    store: MmapStore, caplog: pytest.LogCaptureFixture
+) -> None:
     client = Client(SessionMiddleware(wsgi_counter, store))
     client.get("/")
     sid = sid_of(client)
@@ -723,7 +759,9 @@ def test_middleware_error_page_after_exc_info_does_not_save(store: MmapStore) ->
         try:
             raise ValueError("x")
         except ValueError:
-            start_response("500 Internal Server Error", [("Content-Type", "text/plain")], sys.exc_info())
+            start_response(
+                "500 Internal Server Error", [("Content-Type", "text/plain")], sys.exc_info()
+            )
         return [b"error page"]
 
     # werkzeug's test client re-raises exc_info, so play the server here.
