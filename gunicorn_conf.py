@@ -80,6 +80,7 @@ def post_fork(server, worker):
     store = getattr(app, "session_store", None)  # set by with_session / SessionMiddleware
     if store is not None:
         store.reopen()
+        server.log.info("worker %s reopened the session store %s", worker.pid, store.path)
 
 
 def child_exit(server, worker):

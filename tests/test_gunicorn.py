@@ -58,6 +58,7 @@ def test_one_session_counts_without_gaps_across_workers(
     log = server.log_path.read_text()
     assert f"Using worker: {'gthread' if threads > 1 else 'sync'}" in log
     assert "session store" in log  # on_starting checked the file in the master
+    assert ("reopened the session store" in log) == preload  # post_fork, for a preloaded app
 
 
 def test_concurrent_clients_keep_their_own_counts(tmp_path: Path) -> None:

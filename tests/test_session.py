@@ -530,6 +530,24 @@ def test_unserialisable_value_in_a_new_session_stores_nothing(store: MmapStore) 
     assert len(store) == 0
 
 
+def test_a_session_too_large_for_a_page_fails_with_500_and_keeps_the_stored_one(
+    store: MmapStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    def handler(request: SessionRequest) -> Response:
+        request.session["blob"] = "x" * int(request.args.get("size", "10"))
+        return Response("done")
+
+    client = client_for(store, handler)
+    client.get("/")
+    sid = sid_of(client)
+    before = stored(store, sid)
+    with caplog.at_level(logging.ERROR, logger="prefork_sessions"):
+        response = client.get(f"/?size={store.max_value_size + 1}")
+    assert response.status_code == 500
+    assert stored(store, sid) == before
+    assert any("ValueTooLargeError" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("how", ["status", "abort", "raise"])
 def test_server_errors_do_not_save(store: MmapStore, how: str) -> None:
     def handler(request: SessionRequest) -> Response:
