@@ -14,6 +14,7 @@ gunicorn_conf.py also reads (``PREFORK_SESSIONS_PATH``, ``PREFORK_SESSIONS_SIZE`
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import orjson
 from werkzeug.exceptions import NotFound
@@ -30,7 +31,7 @@ APP_NAME = "prefork_sessions_demo"
 DEFAULT_SIZE = 16 << 20
 
 
-def store_size(environ: dict[str, str] | os._Environ[str] = os.environ) -> int:
+def store_size(environ: Mapping[str, str] = os.environ) -> int:
     """The store size in bytes from ``PREFORK_SESSIONS_SIZE``; ValueError if not an integer."""
     raw = environ.get(SIZE_ENV, "")
     try:
@@ -41,7 +42,7 @@ def store_size(environ: dict[str, str] | os._Environ[str] = os.environ) -> int:
         ) from None
 
 
-def open_store(environ: dict[str, str] | os._Environ[str] = os.environ) -> MmapStore:
+def open_store(environ: Mapping[str, str] = os.environ) -> MmapStore:
     """Open (or create) the demo's store as configured by the environment."""
     return MmapStore(
         environ.get(PATH_ENV) or None, app_name=APP_NAME, cache_size=store_size(environ)

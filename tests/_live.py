@@ -14,6 +14,7 @@ always stopped: SIGTERM, then SIGKILL to its whole process group.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import signal
 import socket
@@ -207,8 +208,7 @@ class Browser:
         return status, response_headers, body
 
     def json(self, path: str) -> Any:
-        import json
-
+        """GET ``path`` and decode its JSON body; AssertionError unless the status is 200."""
         status, _, body = self.get(path)
         if status != 200:
             raise AssertionError(f"GET {path} -> {status}: {body[:500]!r}")
