@@ -650,6 +650,9 @@ def render(report: dict[str, Any]) -> str:
     p = lambda *a: print(*a, file=o)  # noqa: E731
     p(machine_line(report["machine"]))
     p(f"MmapStore: {report['store_build']}")
+    la = report["load_average"]
+    p(f"Load average (1/5/15 min) at start {'/'.join(f'{x:.2f}' for x in la['start'])}, at end "
+      f"{'/'.join(f'{x:.2f}' for x in la['end'])}: other work on this machine skews the figures")
     p(f"Workload: {cfg['keys']:,} keys session:<32 hex>, {cfg['value_size']} B values; get x{cfg['get_passes']} "
       f"passes; mix {cfg['mix_ops']:,} ops/proc; {cfg['incr_ops']:,} increments over {cfg['counters']} "
       f"counters; cache {cfg['cache_size'] // MIB} MiB, page {cfg['page_size'] // 1024} KiB; best of "
@@ -804,6 +807,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(cfg: Config, ns: argparse.Namespace, tmp: str, deadline: float) -> int:
     m = machine()
+    load_start = os.getloadavg()
     wl = make_workload(cfg)
     wdir = os.path.join(tmp, "workload")
     os.mkdir(wdir)
@@ -820,55 +824,80 @@ def run(cfg: Config, ns: argparse.Namespace, tmp: str, deadline: float) -> int:
              "diskcache", "lmdb", "redis"]
     log = (lambda *a: None) if ns.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
 
-    def python_store(make: Callable[[], Adapter]) -> None:
-        a = make()
-        incr_how[a.label] = a.incr_how
-        runs = []
-        for i in range(cfg.repeat):
-            log(f"  {a.label}: run {i + 1}/{cfg.repeat}")
-            runs.append(run_python(a, wl, cfg))
-        results[a.label] = best(runs)
+    # Repeats are interleaved (round 1 of every store, then round 2, ...) so a burst of
+    # outside load lands on several stores rather than on all runs of one.
+    runs: dict[str, list[dict[str, dict[str, Any]]]] = {}
+    failed: set[str] = set()
 
     def attempt(name: str, fn: Callable[[], None]) -> None:
+        if name in failed:
+            return
         try:
             fn()
         except Exception as e:  # one store failing must not cost the others' figures
+            failed.add(name)
             errors.append(f"{name}: {type(e).__name__}: {e}")
             log(f"  {name} skipped: {type(e).__name__}: {e}")
 
-    if "mmapstore" in cfg.only:
-        def mmap() -> None:
-            import prefork_sessions  # noqa: F401  (fail early, once, when the store is missing)
+    def python_once(a: Adapter) -> Callable[[], None]:
+        incr_how[a.label] = a.incr_how
 
-            python_store(lambda: MmapAdapter(cfg, tmp, raw_value, "raw"))
-            python_store(lambda: MmapAdapter(cfg, tmp, obj_value, "json"))
-            retention["MmapStore (raw)"] = retention_mmap(cfg, wl, tmp)
-        attempt("MmapStore", mmap)
+        def once() -> None:
+            runs.setdefault(a.label, []).append(run_python(a, wl, cfg))
+        return once
 
-    if "fastmmap" in cfg.only:
-        def fastmmap() -> None:
-            for ser, label in (("raw", "Cache::FastMmap (raw_values)"), ("storable", "Cache::FastMmap (Storable)")):
-                incr_how[label] = "get_and_set"
-                runs = []
-                for i in range(cfg.repeat):
-                    log(f"  {label}: run {i + 1}/{cfg.repeat}")
-                    left = max(1.0, deadline - time.monotonic())
-                    runs.append(run_perl(cfg, wdir, tmp, ser, "ops", left)["results"])
-                results[label] = best(runs)
+    def perl_once(ser: str, label: str) -> Callable[[], None]:
+        incr_how[label] = "get_and_set"
+
+        def once() -> None:
             left = max(1.0, deadline - time.monotonic())
-            retention["Cache::FastMmap (raw_values)"] = run_perl(cfg, wdir, tmp, "raw", "retention",
-                                                                 left)["results"]["retention"]
-        attempt("Cache::FastMmap", fastmmap)
+            runs.setdefault(label, []).append(run_perl(cfg, wdir, tmp, ser, "ops", left)["results"])
+        return once
 
-    if "diskcache" in cfg.only:
-        attempt("diskcache", lambda: python_store(lambda: DiskcacheAdapter(cfg, tmp, raw_value)))
-    if "lmdb" in cfg.only:
-        attempt("lmdb", lambda: python_store(lambda: LmdbAdapter(cfg, tmp, raw_value)))
-    if "redis" in cfg.only:
-        def redis_run() -> None:
-            with redis_server(tmp) as port:
-                python_store(lambda: RedisAdapter(cfg, tmp, raw_value, port))
-        attempt("redis", redis_run)
+    with contextlib.ExitStack() as stack:
+        plan: list[tuple[str, str, Callable[[], None]]] = []  # (store, label, one run)
+        if "mmapstore" in cfg.only:
+            try:
+                import prefork_sessions  # noqa: F401
+            except Exception as e:
+                failed.add("mmapstore")
+                errors.append(f"mmapstore: {type(e).__name__}: {e}")
+            else:
+                for value, ser in ((raw_value, "raw"), (obj_value, "json")):
+                    a = MmapAdapter(cfg, tmp, value, ser)
+                    plan.append(("mmapstore", a.label, python_once(a)))
+        if "fastmmap" in cfg.only:
+            for ser, label in (("raw", "Cache::FastMmap (raw_values)"), ("storable", "Cache::FastMmap (Storable)")):
+                plan.append(("fastmmap", label, perl_once(ser, label)))
+        if "diskcache" in cfg.only:
+            a = DiskcacheAdapter(cfg, tmp, raw_value)
+            plan.append(("diskcache", a.label, python_once(a)))
+        if "lmdb" in cfg.only:
+            a = LmdbAdapter(cfg, tmp, raw_value)
+            plan.append(("lmdb", a.label, python_once(a)))
+        if "redis" in cfg.only:
+            try:
+                port = stack.enter_context(redis_server(tmp))
+            except Exception as e:
+                failed.add("redis")
+                errors.append(f"redis: {type(e).__name__}: {e}")
+            else:
+                a = RedisAdapter(cfg, tmp, raw_value, port)
+                plan.append(("redis", a.label, python_once(a)))
+        for i in range(cfg.repeat):
+            for store, label, once in plan:
+                log(f"  round {i + 1}/{cfg.repeat}: {label}")
+                attempt(store, once)
+    for label, rs in runs.items():
+        store = next(st for st, lb, _ in plan if lb == label)
+        if store not in failed:
+            results[label] = best(rs)
+
+    if "mmapstore" in cfg.only:
+        attempt("mmapstore", lambda: retention.__setitem__("MmapStore (raw)", retention_mmap(cfg, wl, tmp)))
+    if "fastmmap" in cfg.only:
+        attempt("fastmmap", lambda: retention.__setitem__("Cache::FastMmap (raw_values)", run_perl(
+            cfg, wdir, tmp, "raw", "retention", max(1.0, deadline - time.monotonic()))["results"]["retention"]))
 
     # Perl prints fill keys as given ("0.85"); normalise to two decimals.
     retention = {lb: {f"{float(k):.2f}": v for k, v in f.items()} for lb, f in retention.items()}
@@ -877,7 +906,8 @@ def run(cfg: Config, ns: argparse.Namespace, tmp: str, deadline: float) -> int:
     cfg_d = asdict(cfg)
     report = {"machine": m, "config": cfg_d, "summary": summary, "raw": results, "ratios": ratios,
               "retention": retention, "targets": targets, "errors": errors, "pair_of": pair_of,
-              "order": order, "incr_how": incr_how, "store_build": store_build()}
+              "order": order, "incr_how": incr_how, "store_build": store_build(),
+              "load_average": {"start": load_start, "end": os.getloadavg()}}
     if ns.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
