@@ -10,11 +10,18 @@ from ._errors import (
     UnsafeFileError,
     ValueTooLargeError,
 )
+from ._session import Session, SessionOptions
 from ._store import NEVER, MmapStore
+from ._wsgi import SessionMiddleware, SessionRequest, with_session
 
 __all__ = [
     "MmapStore",
     "NEVER",
+    "Session",
+    "SessionMiddleware",
+    "SessionOptions",
+    "SessionRequest",
+    "with_session",
     "SessionStoreError",
     "FileFormatError",
     "LockTimeoutError",

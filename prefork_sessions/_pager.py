@@ -11,6 +11,7 @@ import errno
 import fcntl
 import mmap
 import struct
+import threading
 import time
 from zlib import crc32
 
@@ -36,6 +37,7 @@ class Pager:
         self._mm: mmap.mmap | None = mm
         self._fd, self._seed, self._n, self._ps, self._nslots = fd, seed, npages, page_size, nslots
         self._max_used = max_used
+        self._locks = [threading.Lock() for _ in range(npages + 1)]  # [-1]: the spare's
 
     def close(self) -> None:
         """Forget the mapping."""
@@ -158,20 +160,41 @@ class Pager:
             raise
         return True
 
-    def lock(self, page: int) -> int:
-        """Try to lock a page's byte (page -1: the spare) for this open file description.
+    def lock(self, page: int, timeout: float) -> int:
+        """Lock a page (-1: the spare) against this process's threads, then against
+        other processes (an OFD lock on the page's byte).
 
         0: locked and sound; 1: locked, but seq is odd (a writer died: repair
-        first); -1: another holder has it."""
-        if not self._flock(page, fcntl.F_WRLCK):
+        first); -1: timed out, nothing held.  Another process's OFD lock cannot
+        be waited on with a timeout, so that wait polls."""
+        tl = self._locks[page]
+        if not tl.acquire(True, timeout):
             return -1
+        try:
+            if not self._flock(page, fcntl.F_WRLCK):
+                deadline = time.monotonic() + timeout
+                delay = 20e-6
+                while True:
+                    time.sleep(delay)
+                    if self._flock(page, fcntl.F_WRLCK):
+                        break
+                    if time.monotonic() > deadline:
+                        tl.release()
+                        return -1
+                    delay = min(delay * 2, 0.002)
+        except BaseException:
+            tl.release()
+            raise
         if page < 0:
             return 0
         return int(_seq_at(self._mm, L.page_offset(self._ps, page))[0] & 1)  # type: ignore[arg-type]
 
     def unlock(self, page: int) -> None:
-        """Release a page's lock."""
-        self._flock(page, fcntl.F_UNLCK)
+        """Release a page's locks."""
+        try:
+            self._flock(page, fcntl.F_UNLCK)
+        finally:
+            self._locks[page].release()
 
     def bump(self, po: int) -> None:
         """seq += 1: odd before a page's first change, even after its last."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from functools import partial
 from typing import Any, Callable
 
 import orjson
@@ -15,8 +16,7 @@ Loads = Callable[[bytes], Any]
 _JSON_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
 
 
-def _json_dumps(value: Any) -> bytes:
-    return orjson.dumps(value, option=_JSON_OPTIONS)
+_json_dumps: Dumps = partial(orjson.dumps, option=_JSON_OPTIONS)
 
 
 def _raw_dumps(value: Any) -> bytes:

@@ -7,6 +7,7 @@
  * entry is copied, so the copy is validated on every CPU architecture. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <pythread.h>
 #include <stdint.h>
 #include <string.h>
 #include <errno.h>
@@ -35,6 +36,7 @@ typedef struct {
     uint32_t seed;
     int fd;
     Py_ssize_t npages, page_size, nslots, max_used;
+    PyThread_type_lock *locks;  /* one per page, [0] for the spare: threads of this process */
 } Pager;
 
 typedef struct {
@@ -243,15 +245,62 @@ static PyObject *Pager_read(Pager *self, PyObject *key) {
 }
 
 
-/* lock(page) -> 0 locked and sound, 1 locked but seq odd (repair first), -1 busy */
-static PyObject *Pager_lock(Pager *self, PyObject *arg) {
-    Py_ssize_t page = PyLong_AsSsize_t(arg);
-    if (page == -1 && PyErr_Occurred()) return NULL;
-    if (check_open(self) < 0) return NULL;
+static int try_flock(Pager *self, Py_ssize_t page, short type) {
     struct flock fl = {0};
-    fl.l_type = F_WRLCK; fl.l_whence = SEEK_SET; fl.l_start = page_off(self, page); fl.l_len = 1;
-    if (fcntl(self->fd, F_OFD_SETLK, &fl) < 0) {
-        if (errno == EAGAIN || errno == EACCES) return PyLong_FromLong(-1);
+    fl.l_type = type; fl.l_whence = SEEK_SET; fl.l_start = page_off(self, page); fl.l_len = 1;
+    if (fcntl(self->fd, F_OFD_SETLK, &fl) == 0) return 0;
+    return (errno == EAGAIN || errno == EACCES) ? 1 : -1;
+}
+
+static double now_mono(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* lock(page, timeout) -> 0 locked and sound, 1 locked but seq odd (repair first),
+ * -1 timed out (nothing held).  Page -1 is the spare.  Takes this process's
+ * thread lock, then the OFD lock on the page's byte; another process's OFD lock
+ * cannot be waited on with a timeout, so that wait polls (GIL released). */
+static PyObject *Pager_lock(Pager *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "lock(page, timeout)");
+        return NULL;
+    }
+    Py_ssize_t page = PyLong_AsSsize_t(args[0]);
+    double timeout = PyFloat_AsDouble(args[1]);
+    if (PyErr_Occurred()) return NULL;
+    if (check_open(self) < 0) return NULL;
+    if (page < -1 || page >= self->npages) {
+        PyErr_SetString(PyExc_ValueError, "page out of range");
+        return NULL;
+    }
+    PyThread_type_lock lk = self->locks[page + 1];
+    if (!PyThread_acquire_lock(lk, NOWAIT_LOCK)) {
+        PyLockStatus got;
+        Py_BEGIN_ALLOW_THREADS
+        got = PyThread_acquire_lock_timed(lk, (PY_TIMEOUT_T)(timeout * 1e6), 0);
+        Py_END_ALLOW_THREADS
+        if (got != PY_LOCK_ACQUIRED) return PyLong_FromLong(-1);
+    }
+    int r = try_flock(self, page, F_WRLCK);
+    if (r > 0) {
+        double deadline = now_mono() + timeout;
+        long delay_ns = 20000;
+        Py_BEGIN_ALLOW_THREADS
+        while (r > 0 && now_mono() < deadline) {
+            struct timespec d = {0, delay_ns};
+            nanosleep(&d, NULL);
+            r = try_flock(self, page, F_WRLCK);
+            if (delay_ns < 2000000) delay_ns *= 2;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    if (r != 0) {
+        int err = errno;
+        PyThread_release_lock(lk);
+        if (r > 0) return PyLong_FromLong(-1);
+        errno = err;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     if (page < 0) return PyLong_FromLong(0);
@@ -261,9 +310,13 @@ static PyObject *Pager_lock(Pager *self, PyObject *arg) {
 static PyObject *Pager_unlock(Pager *self, PyObject *arg) {
     Py_ssize_t page = PyLong_AsSsize_t(arg);
     if (page == -1 && PyErr_Occurred()) return NULL;
-    struct flock fl = {0};
-    fl.l_type = F_UNLCK; fl.l_whence = SEEK_SET; fl.l_start = page_off(self, page); fl.l_len = 1;
-    if (fcntl(self->fd, F_OFD_SETLK, &fl) < 0) return PyErr_SetFromErrno(PyExc_OSError);
+    if (page < -1 || page >= self->npages) {
+        PyErr_SetString(PyExc_ValueError, "page out of range");
+        return NULL;
+    }
+    int r = try_flock(self, page, F_UNLCK);
+    PyThread_release_lock(self->locks[page + 1]);
+    if (r != 0) return PyErr_SetFromErrno(PyExc_OSError);
     Py_RETURN_NONE;
 }
 
@@ -370,6 +423,14 @@ static PyObject *Pager_close(Pager *self, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
+static void free_locks(Pager *self) {
+    if (!self->locks) return;
+    for (Py_ssize_t i = 0; i <= self->npages; i++)
+        if (self->locks[i]) PyThread_free_lock(self->locks[i]);
+    PyMem_Free(self->locks);
+    self->locks = NULL;
+}
+
 static int Pager_init(Pager *self, PyObject *args, PyObject *kw) {
     PyObject *mm; unsigned long seed; int fd; Py_ssize_t npages, page_size, nslots, max_used;
     static char *kwlist[] = {"mm", "fd", "seed", "npages", "page_size", "nslots", "max_used", NULL};
@@ -381,12 +442,27 @@ static int Pager_init(Pager *self, PyObject *args, PyObject *kw) {
         return -1;
     }
     Pager_close(self, NULL);
+    free_locks(self);
+    self->npages = npages;
     if (PyObject_GetBuffer(mm, &self->view, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0) return -1;
     self->have_view = 1;
     if (self->view.len < HEADER_SIZE + page_size * (npages + 1)) {
         Pager_close(self, NULL);
         PyErr_SetString(PyExc_ValueError, "mapping smaller than its geometry");
         return -1;
+    }
+    self->locks = PyMem_Calloc((size_t)npages + 1, sizeof(PyThread_type_lock));
+    if (!self->locks) {
+        Pager_close(self, NULL);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i <= npages; i++) {
+        if (!(self->locks[i] = PyThread_allocate_lock())) {
+            Pager_close(self, NULL);
+            PyErr_NoMemory();
+            return -1;
+        }
     }
     self->seed = (uint32_t)seed;
     self->fd = fd;
@@ -397,6 +473,7 @@ static int Pager_init(Pager *self, PyObject *args, PyObject *kw) {
 
 static void Pager_dealloc(Pager *self) {
     Pager_close(self, NULL);
+    free_locks(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -405,7 +482,8 @@ static PyMethodDef Pager_methods[] = {
     {"find", (PyCFunction)(void (*)(void))Pager_find, METH_FASTCALL, "find(po, key, hash, s0) -> (so, eo, free)"},
     {"locate", (PyCFunction)Pager_locate, METH_O, "locate(key) -> (hash, p1, p2, s0, page or -1, roomier page)"},
     {"read", (PyCFunction)Pager_read, METH_O, "read(key) -> (value, expire_at) | None | False"},
-    {"lock", (PyCFunction)Pager_lock, METH_O, "lock(page) -> 0 | 1 (seq odd) | -1 (busy)"},
+    {"lock", (PyCFunction)(void (*)(void))Pager_lock, METH_FASTCALL,
+     "lock(page, timeout) -> 0 | 1 (locked, seq odd: repair) | -1 (timed out)"},
     {"unlock", (PyCFunction)Pager_unlock, METH_O, "unlock(page)"},
     {"bump", (PyCFunction)Pager_bump, METH_O, "bump(page_offset): seq += 1 (odd: begin, even: end)"},
     {"append", (PyCFunction)(void (*)(void))Pager_append, METH_FASTCALL,

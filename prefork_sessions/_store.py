@@ -101,6 +101,7 @@ class MmapStore:
         self._mm: mmap.mmap | None = None
         self._fd = -1
         self._stale = False
+        self._open_lock = threading.Lock()
         self._open()
         _live_stores.add(self)
 
@@ -121,14 +122,15 @@ class MmapStore:
         self._seed, self._nslots = geo.seed, geo.slots
         self._d0 = L.data_start(geo.slots)
         self._max_entry = geo.page_size - self._d0
-        self._tlocks = [threading.Lock() for _ in range(geo.num_pages + 1)]  # [-1] is the spare's
 
     def _forget_parent(self) -> None:
-        """In a forked child: drop the parent's descriptor and locks; reopen lazily.
+        """In a forked child: drop the parent's descriptor, mapping and pager; reopen lazily.
 
-        The inherited descriptor shares the parent's open file description, and
-        with it the parent's OFD locks, so the child must not lock through it.
-        In-process locks another thread held at fork time would never be released.
+        The inherited descriptor (and the mapping's own duplicate of it) share the
+        parent's open file description, and with it the parent's OFD locks, so the
+        child must not lock through them, nor keep them open (a lock the parent
+        holds would outlive the parent).  The pager's thread locks go with it: one
+        that another thread held at fork time would never be released.
         """
         if self._mm is None:
             return
@@ -140,6 +142,7 @@ class MmapStore:
             pass
         self._mm, self._fd, self._stale = None, -1, True
         self._busy = set()
+        self._open_lock = threading.Lock()
 
     def reopen(self) -> None:
         """Re-open and re-map the same file (call in a worker after fork; idempotent)."""
@@ -160,9 +163,12 @@ class MmapStore:
         self._mm, self._fd = None, -1
 
     def _revive(self) -> mmap.mmap:
-        if not self._stale:
-            raise StoreClosedError(f"store {self.path} is closed; call reopen() to use it again")
-        self._open()
+        """Reopen after a fork, once, however many threads of the child get here first."""
+        with self._open_lock:
+            if self._mm is None:
+                if not self._stale:
+                    raise StoreClosedError(f"store {self.path} is closed; call reopen() to use it again")
+                self._open()
         assert self._mm is not None
         return self._mm
 
@@ -229,10 +235,13 @@ class MmapStore:
         try:
             return self._loads(raw)
         except Exception as e:
-            raise SerializationError(
-                f"a value in {self.path} cannot be read with serializer {self.serializer!r}: {e}. "
-                "Was the file written with another serializer?"
-            ) from e
+            raise self._deserialize_error(e) from e
+
+    def _deserialize_error(self, e: Exception) -> SerializationError:
+        return SerializationError(
+            f"a value in {self.path} cannot be read with serializer {self.serializer!r}: {e}. "
+            "Was the file written with another serializer?"
+        )
 
     def _too_large(self, kb: bytes, vb: bytes) -> ValueTooLargeError:
         return ValueTooLargeError(
@@ -259,41 +268,18 @@ class MmapStore:
 
     def _lock(self, page: int) -> None:
         """Lock a page (or the spare, page -1) against threads and processes; repair if needed."""
-        tl = self._tlocks[page]
-        if not tl.acquire(True, self._lock_timeout):
-            raise self._timeout(page)
-        try:
-            state = self._pager.lock(page)
-            if state < 0:
-                state = self._lock_wait(page)
-        except BaseException:
-            tl.release()
-            raise
+        state = self._pager.lock(page, self._lock_timeout)
         if state:
+            if state < 0:
+                raise self._timeout(page)
             try:
                 self._repair(page, L.page_offset(self.page_size, page))
             except BaseException:
-                self._unlock(page)
+                self._pager.unlock(page)
                 raise
 
-    def _lock_wait(self, page: int) -> int:
-        """Another process holds the page: poll (OFD locks cannot time out) until the deadline."""
-        deadline = time.monotonic() + self._lock_timeout
-        delay = 20e-6
-        while True:
-            time.sleep(delay)
-            state = self._pager.lock(page)
-            if state >= 0:
-                return state
-            if time.monotonic() > deadline:
-                raise self._timeout(page)
-            delay = min(delay * 2, 0.002)
-
     def _unlock(self, page: int) -> None:
-        try:
-            self._pager.unlock(page)
-        finally:
-            self._tlocks[page].release()
+        self._pager.unlock(page)
 
     def _lock_pages(self, p1: int, p2: int) -> tuple[int, ...]:
         """Lock a key's page(s) in index order (the global order that rules out deadlock)."""
@@ -345,7 +331,12 @@ class MmapStore:
             self._misses += 1
             return default
         self._hits += 1
-        return found[0] if self._loads is None else self._deserialize(found[0])  # type: ignore[index]
+        if self._loads is None:
+            return found[0]  # type: ignore[index]
+        try:
+            return self._loads(found[0])  # type: ignore[index]
+        except Exception as e:
+            raise self._deserialize_error(e) from e
 
     def __contains__(self, key: object) -> bool:
         if self._busy:
@@ -442,14 +433,15 @@ class MmapStore:
         """Store ``vb`` (or ``update(old raw value or None)``) under the page lock(s)."""
         if self._mm is None:
             self._revive()
-        h, p1, p2, s0, page, _ = self._pager.locate(kb)
+        pager = self._pager
+        h, p1, p2, s0, page, _ = pager.locate(kb)
         if page >= 0:  # update in place: only its page need be locked (invariant 4)
             self._lock(page)
             try:
                 if self._write_locked(page, kb, flags, h, s0, exp_at, vb, update, True):
                     return
             finally:
-                self._unlock(page)
+                pager.unlock(page)
         pages = self._lock_pages(p1, p2)
         try:
             page, roomier = self._pager.locate(kb)[4:]
@@ -518,6 +510,8 @@ class MmapStore:
         expired = [e for e in entries if e[3] and e[3] <= now]
         for so, eo, _, _ in expired:
             self._kill(mm, po, so, eo)
+            if eo == keep:
+                keep = 0
         if expired:
             self._add_counter(mm, po + L.OFF_EXPIRATIONS, len(expired))
         evicted = 0

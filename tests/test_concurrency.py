@@ -225,3 +225,22 @@ def test_writer_killed_at_random_moments_loses_at_most_the_write_in_flight(tmp_p
     assert store.stats()["evictions"] == 0, "the test store was meant to be big enough"
     print("recovered pages:", store.stats()["recovered_pages"])
     assert store.stats()["recovered_pages"] > 0, "no kill landed mid-write: the test proved nothing"
+
+
+def test_threads_of_a_forked_child_reopen_the_store_once(tmp_path: Path) -> None:
+    """Several threads of a child hit the lazily reopened store at the same moment."""
+    store = MmapStore(tmp_path / "s", cache_size=1 << 20, page_size=16 << 10)
+    store.set("counter", 0)
+
+    def child() -> None:
+        start = threading.Barrier(8)
+
+        def work() -> None:
+            start.wait()
+            _increment(store, 100)
+
+        _in_threads(work, 8)
+
+    _wait_ok([_fork(child) for _ in range(3)])
+    assert store.get("counter") == 2400
+    assert store.check() == []

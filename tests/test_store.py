@@ -309,3 +309,14 @@ def test_damaged_entry_reads_as_missing_and_check_reports_it(make_store: Make) -
         f.write(b"Z")
     assert store.get("k") is None
     assert any("damaged" in p for p in store.check())
+
+
+def test_updating_an_expired_key_in_a_full_page(make_store: Make) -> None:
+    store = make_store(cache_size=8 << 10, page_size=8 << 10, serializer="raw")  # one page
+    store.set("k", b"x" * 3000, expire=0.1)
+    store.set("other", b"o" * 3000)
+    time.sleep(0.2)
+    store.set("k", b"y" * 4000)  # needs the expired entry's room, and replaces it
+    assert store.get("k") == b"y" * 4000
+    assert store.get("other") == b"o" * 3000
+    assert store.check() == []
