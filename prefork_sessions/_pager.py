@@ -105,8 +105,8 @@ class Pager:
         _, _, b2, d2 = L.COUNTS.unpack_from(mm, po2 + 8)
         return h, p1, p2, s0, page, p1 if b1 - d1 <= b2 - d2 else p2
 
-    def read(self, kb: bytes) -> tuple[bytes, float] | None | bool:
-        """Lock-free read: (value, expire_at), None (absent or expired), or False
+    def read(self, kb: bytes) -> bytes | None | bool:
+        """Lock-free read: the raw value, None (absent or expired), or False
         when writers kept the pages busy (the caller then reads under the lock)."""
         mm = self._mm
         assert mm is not None
@@ -147,7 +147,7 @@ class Pager:
             t = L.tick(now)
             if _u32_at(mm, so + 4)[0] != t:
                 L.U32.pack_into(mm, so + 4, t)  # LRU hint, deliberately unlocked (see _layout)
-            return value, exp
+            return value
         return False
 
     def _flock(self, page: int, kind: int) -> bool:

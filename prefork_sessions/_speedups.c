@@ -188,7 +188,7 @@ static PyObject *Pager_locate(Pager *self, PyObject *key) {
     return Py_BuildValue("(Innnnn)", h, p1, p2, s0, page, roomier);
 }
 
-/* read(key) -> (value bytes, expire_at) | None (absent or expired) | False (contended) */
+/* read(key) -> value bytes | None (absent or expired) | False (contended) */
 static PyObject *Pager_read(Pager *self, PyObject *key) {
     const char *k; Py_ssize_t klen, p1, p2, s0; uint32_t h;
     if (check_open(self) < 0 || get_key(key, &k, &klen) < 0) return NULL;
@@ -206,9 +206,11 @@ static PyObject *Pager_read(Pager *self, PyObject *key) {
             if (s2 & 1) continue;
             if (probe(self, po2, k, klen, h, s0, &so, &eo, &fr) < 0) continue;
             po = po2; s = s2;
+            __atomic_thread_fence(__ATOMIC_ACQUIRE);
             if (!eo && load_seq(buf + po1) != s1) continue;
         }
         if (!eo) {
+            __atomic_thread_fence(__ATOMIC_ACQUIRE);
             if (load_seq(buf + po) != s) continue;
             Py_RETURN_NONE;
         }
@@ -217,6 +219,7 @@ static PyObject *Pager_read(Pager *self, PyObject *key) {
         if (eo - po + ENTRY_SIZE + klen + (Py_ssize_t)e.vlen > ps) continue;
         PyObject *value = PyBytes_FromStringAndSize(buf + eo + ENTRY_SIZE + klen, e.vlen);
         if (!value) return NULL;
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);  /* the copy is complete before seq is re-read */
         if (load_seq(buf + po) != s) { Py_DECREF(value); continue; }
         /* checksum the validated copies, not the live mapping */
         char head[ENTRY_CRC_SPAN];
@@ -235,11 +238,7 @@ static PyObject *Pager_read(Pager *self, PyObject *key) {
         uint32_t t = tick(&ts), old;
         memcpy(&old, buf + so + 4, 4);
         if (old != t) __atomic_store_n((uint32_t *)(buf + so + 4), t, __ATOMIC_RELAXED);
-        PyObject *exp = PyFloat_FromDouble(e.expire_at);
-        if (!exp) { Py_DECREF(value); return NULL; }
-        PyObject *res = PyTuple_Pack(2, value, exp);
-        Py_DECREF(value); Py_DECREF(exp);
-        return res;
+        return value;
     }
     Py_RETURN_FALSE;
 }
@@ -481,7 +480,7 @@ static PyMethodDef Pager_methods[] = {
     {"where", (PyCFunction)Pager_where, METH_O, "where(key) -> (hash, p1, p2, first_slot)"},
     {"find", (PyCFunction)(void (*)(void))Pager_find, METH_FASTCALL, "find(po, key, hash, s0) -> (so, eo, free)"},
     {"locate", (PyCFunction)Pager_locate, METH_O, "locate(key) -> (hash, p1, p2, s0, page or -1, roomier page)"},
-    {"read", (PyCFunction)Pager_read, METH_O, "read(key) -> (value, expire_at) | None | False"},
+    {"read", (PyCFunction)Pager_read, METH_O, "read(key) -> value bytes | None (absent or expired) | False (contended)"},
     {"lock", (PyCFunction)(void (*)(void))Pager_lock, METH_FASTCALL,
      "lock(page, timeout) -> 0 | 1 (locked, seq odd: repair) | -1 (timed out)"},
     {"unlock", (PyCFunction)Pager_unlock, METH_O, "unlock(page)"},

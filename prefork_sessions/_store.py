@@ -302,7 +302,7 @@ class MmapStore:
 
     # ------------------------------------------------------------------ lookup
 
-    def _read_locked(self, kb: bytes) -> tuple[bytes, float] | None:
+    def _read_locked(self, kb: bytes) -> bytes | None:
         """Read under the page locks, when writers kept the lock-free read from settling.
 
         With the pages locked the read settles at once unless the entry fails its
@@ -332,9 +332,9 @@ class MmapStore:
             return default
         self._hits += 1
         if self._loads is None:
-            return found[0]  # type: ignore[index]
+            return found
         try:
-            return self._loads(found[0])  # type: ignore[index]
+            return self._loads(found)
         except Exception as e:
             raise self._deserialize_error(e) from e
 
