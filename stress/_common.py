@@ -10,6 +10,7 @@ by :func:`hard_timeout`, which kills every child it knows of and exits 3.
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import sys
@@ -27,6 +28,7 @@ for _p in (str(REPO), str(REPO / "tests")):  # the package from this checkout; t
         sys.path.insert(1, _p)
 
 TIMEOUT_EXIT = 3
+_NUMBER = re.compile(r"[-+]?[\d,]+(\.\d+)?[x%]?")
 _children: set[int] = set()
 
 
@@ -167,7 +169,8 @@ class Report:
 
         def line(cells: Sequence[str]) -> str:
             return "| " + " | ".join(
-                c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+                c.rjust(w) if i and _NUMBER.fullmatch(c) else c.ljust(w)
+                for i, (c, w) in enumerate(zip(cells, widths))
             ) + " |"
 
         rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
