@@ -34,9 +34,11 @@ Invariants
    repair rebuilds the slot table from them (a later duplicate of a key wins,
    because the data area is in write order).
 3. Live entries are never overwritten in place.  Compaction builds the new page
-   image in memory, writes it to the spare page, marks the spare valid for that
-   page, copies it over the page, then marks the spare empty; repair of a page
-   for which the spare is valid restores the spare image.
+   image in memory, writes it (up to its bump) to the spare page, marks the spare
+   valid for that page, copies it over the page, then marks the spare empty.
+   Whoever next takes the spare's lock (any compaction, or the repair of that
+   page) first copies a valid spare image over its page: the page's seq is still
+   odd, so nobody else touches it meanwhile.
 4. A key lives in at most one of its two candidate pages.  Inserting a key that
    is in neither locks both pages (in index order); updating a key in place locks
    only the page that holds it.
@@ -60,7 +62,7 @@ HEADER = struct.Struct("<8sIIIIIIQd")
 
 # Spare-page state (in the file header) and the byte locked to own the spare.
 SPARE_STATE_OFF = 2048
-SPARE_STATE = struct.Struct("<II")  # state (SPARE_EMPTY or SPARE_VALID), target page
+SPARE_STATE = struct.Struct("<III")  # state (SPARE_EMPTY or SPARE_VALID), target page, image length
 SPARE_EMPTY = 0
 SPARE_VALID = 1
 SPARE_LOCK = -1  # pseudo page index of the spare's lock

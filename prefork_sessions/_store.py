@@ -565,14 +565,15 @@ class MmapStore:
         """Rewrite a locked page (seq odd) without dead entries and tombstones, via the spare."""
         live = sorted((eo, atime) for _, eo, atime, _ in self._live(mm, po))
         img = self._image(mm, po, live)
+        end = _u32_at(img, L.OFF_BUMP)[0]  # nothing past the new bump matters: copy up to it
         spare = L.page_offset(self.page_size, L.SPARE_LOCK)
         self._lock(L.SPARE_LOCK)
         try:
             self._settle_spare(mm)
-            mm[spare + 8:spare + self.page_size] = img[8:]
-            L.SPARE_STATE.pack_into(mm, L.SPARE_STATE_OFF, L.SPARE_VALID, page)
-            mm[po + 8:po + self.page_size] = img[8:]
-            L.SPARE_STATE.pack_into(mm, L.SPARE_STATE_OFF, L.SPARE_EMPTY, 0)
+            mm[spare + 8:spare + end] = img[8:end]
+            L.SPARE_STATE.pack_into(mm, L.SPARE_STATE_OFF, L.SPARE_VALID, page, end)
+            mm[po + 8:po + end] = img[8:end]
+            L.SPARE_STATE.pack_into(mm, L.SPARE_STATE_OFF, L.SPARE_EMPTY, 0, 0)
         finally:
             self._unlock(L.SPARE_LOCK)
 
@@ -582,12 +583,12 @@ class MmapStore:
         The target page's seq is still odd, so nobody modifies it; its next locker
         repairs it (and waits for the spare first), so restoring it here is safe.
         """
-        state, target = L.SPARE_STATE.unpack_from(mm, L.SPARE_STATE_OFF)
-        if state == L.SPARE_VALID and 0 <= target < self.num_pages:
+        state, target, end = L.SPARE_STATE.unpack_from(mm, L.SPARE_STATE_OFF)
+        if state == L.SPARE_VALID and 0 <= target < self.num_pages and 8 < end <= self.page_size:
             spare = L.page_offset(self.page_size, L.SPARE_LOCK)
             po = L.page_offset(self.page_size, target)
-            mm[po + 8:po + self.page_size] = mm[spare + 8:spare + self.page_size]
-        L.SPARE_STATE.pack_into(mm, L.SPARE_STATE_OFF, L.SPARE_EMPTY, 0)
+            mm[po + 8:po + end] = mm[spare + 8:spare + end]
+        L.SPARE_STATE.pack_into(mm, L.SPARE_STATE_OFF, L.SPARE_EMPTY, 0, 0)
 
     def _repair(self, page: int, po: int) -> None:
         """A writer died mid-change (seq odd under our lock): rebuild the page from its entries.
