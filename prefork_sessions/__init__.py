@@ -15,19 +15,19 @@ from ._store import NEVER, MmapStore
 from ._wsgi import SessionMiddleware, SessionRequest, with_session
 
 __all__ = [
-    "MmapStore",
     "NEVER",
+    "FileFormatError",
+    "LockTimeoutError",
+    "MmapStore",
+    "ReentrantCallError",
+    "SerializationError",
     "Session",
     "SessionMiddleware",
     "SessionOptions",
     "SessionRequest",
-    "with_session",
     "SessionStoreError",
-    "FileFormatError",
-    "LockTimeoutError",
-    "ReentrantCallError",
-    "SerializationError",
     "StoreClosedError",
     "UnsafeFileError",
     "ValueTooLargeError",
+    "with_session",
 ]

@@ -13,6 +13,7 @@ import mmap
 import struct
 import threading
 import time
+from typing import Literal
 from zlib import crc32
 
 from . import _layout as L
@@ -105,7 +106,7 @@ class Pager:
         _, _, b2, d2 = L.COUNTS.unpack_from(mm, po2 + 8)
         return h, p1, p2, s0, page, p1 if b1 - d1 <= b2 - d2 else p2
 
-    def read(self, kb: bytes) -> bytes | None | bool:
+    def read(self, kb: bytes) -> bytes | None | Literal[False]:
         """Lock-free read: the raw value, None (absent or expired), or False
         when writers kept the pages busy (the caller then reads under the lock)."""
         mm = self._mm
@@ -240,7 +241,12 @@ class Pager:
         return True
 
 
+FastPager: type[Pager | _speedups.Pager]
 try:
-    from ._speedups import Pager as FastPager
+    from . import _speedups
+
+    FastPager = _speedups.Pager
 except ImportError:  # no compiler at install time: the reference implementation serves
-    FastPager = Pager  # type: ignore[misc,assignment]
+    FastPager = Pager
+
+__all__ = ["FastPager", "Pager"]

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import orjson
 
@@ -39,10 +40,11 @@ def resolve(spec: Any) -> tuple[str, Dumps, Loads | None]:
         return "raw", _raw_dumps, None
     if spec == "pickle":
         return "pickle", _pickle_dumps, pickle.loads
-    if isinstance(spec, str) or not (callable(getattr(spec, "dumps", None)) and callable(getattr(spec, "loads", None))):
-        raise ValueError(
-            f"unknown serializer {spec!r}: use 'json', 'raw', 'pickle' or an object with dumps() and loads()"
-        )
+    hint = "use 'json', 'raw', 'pickle' or an object with dumps() and loads()"
+    if isinstance(spec, str):
+        raise ValueError(f"unknown serializer {spec!r}: {hint}")
+    if not (callable(getattr(spec, "dumps", None)) and callable(getattr(spec, "loads", None))):
+        raise TypeError(f"serializer {spec!r} has no dumps()/loads(): {hint}")
     custom_dumps, custom_loads = spec.dumps, spec.loads
 
     def dumps(value: Any) -> bytes:

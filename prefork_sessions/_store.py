@@ -16,7 +16,8 @@ import tempfile
 import threading
 import time
 import weakref
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, Self
 from zlib import crc32
 
 from . import _layout as L
@@ -31,7 +32,7 @@ from ._file import open_or_create
 from ._pager import FastPager
 from ._serializers import resolve
 
-__all__ = ["MmapStore", "NEVER", "DEFAULT_CACHE_SIZE", "DEFAULT_PAGE_SIZE", "DEFAULT_LOCK_TIMEOUT"]
+__all__ = ["DEFAULT_CACHE_SIZE", "DEFAULT_LOCK_TIMEOUT", "DEFAULT_PAGE_SIZE", "NEVER", "MmapStore"]
 
 NEVER = 0
 """Pass as ``expire`` for entries that never expire (so does ``math.inf``)."""
@@ -46,7 +47,7 @@ _slot_at = L.SLOT.unpack_from
 _entry_at = L.ENTRY.unpack_from
 _counts_at = L.COUNTS.unpack_from
 
-_live_stores: "weakref.WeakSet[MmapStore]" = weakref.WeakSet()
+_live_stores: weakref.WeakSet[MmapStore] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
@@ -172,7 +173,7 @@ class MmapStore:
         assert self._mm is not None
         return self._mm
 
-    def __enter__(self) -> MmapStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -764,7 +765,7 @@ class MmapStore:
                     if not self._d0 <= off < bump:
                         problems.append(f"page {page}: slot {i} points outside the data area")
                         continue
-                    exp, h, vlen, klen, _, is_dead, crc = _entry_at(mm, eo)
+                    _, h, vlen, klen, _, is_dead, crc = _entry_at(mm, eo)
                     kb = mm[eo + 24:eo + 24 + klen]
                     body = mm[eo + 24:eo + 24 + klen + vlen]
                     if is_dead or crc32(body, crc32(mm[eo:eo + L.ENTRY_CRC_SPAN])) != crc:
