@@ -1,0 +1,156 @@
+"""The WSGI apps stress/bench_http.py serves under gunicorn, one per variant.
+
+Every app is built by ``make(variant)`` (gunicorn: ``-c gunicorn_conf.py`` with
+``PREFORK_SESSIONS_APP='bench_apps:make("counter")'`` and stress/ on PYTHONPATH):
+
+    hello        plain werkzeug hello-world, no session
+    read         the session layer on MmapStore; the session is only read
+    counter      the session layer on MmapStore; a counter written every request
+    diskcache    the same counter, the session layer on a diskcache.Cache
+    redis        the same counter, the session layer on a real redis-server
+
+``GET /init`` writes the session (so a cookie exists); ``GET /`` is the measured
+request.  The peer stores implement the session layer's SessionStore protocol
+the way their own documentation recommends for an atomic read-modify-write:
+diskcache ``Cache.transact()``, redis ``WATCH``/``MULTI``.
+The store settings come from the environment: PREFORK_SESSIONS_PATH and
+PREFORK_SESSIONS_SIZE (as gunicorn_conf.py), BENCH_DISKCACHE_DIR, BENCH_REDIS_PORT.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from werkzeug.wrappers import Request, Response
+
+from prefork_sessions import MmapStore, with_session
+
+HELLO = b"Hello, World!"
+
+
+class DiskcacheStore:
+    """SessionStore on diskcache (sqlite): get_and_set in a transaction."""
+
+    def __init__(self, directory: str) -> None:
+        import diskcache
+
+        self.cache = diskcache.Cache(directory)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.cache.get(key, default)
+
+    def set(self, key: str, value: Any, expire: float | None = None) -> None:
+        self.cache.set(key, value, expire=expire or None)
+
+    def delete(self, key: str) -> bool:
+        return bool(self.cache.delete(key))
+
+    def get_and_set(self, key: str, fn: Callable[[Any], Any], expire: float | None = None) -> Any:
+        with self.cache.transact():
+            value = fn(self.cache.get(key))
+            self.cache.set(key, value, expire=expire or None)
+        return value
+
+
+class RedisStore:
+    """SessionStore on redis-py: JSON values (orjson), get_and_set by WATCH/MULTI."""
+
+    def __init__(self, port: int) -> None:
+        import redis
+
+        self.redis = redis.Redis(host="127.0.0.1", port=port)
+        self.watch_error = redis.WatchError
+
+    @staticmethod
+    def _ex(expire: float | None) -> int | None:
+        return math.ceil(expire) if expire else None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        raw = self.redis.get(key)
+        return default if raw is None else orjson.loads(raw)
+
+    def set(self, key: str, value: Any, expire: float | None = None) -> None:
+        self.redis.set(key, orjson.dumps(value), ex=self._ex(expire))
+
+    def delete(self, key: str) -> bool:
+        return bool(self.redis.delete(key))
+
+    def get_and_set(self, key: str, fn: Callable[[Any], Any], expire: float | None = None) -> Any:
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    value = fn(None if raw is None else orjson.loads(raw))
+                    pipe.multi()
+                    pipe.set(key, orjson.dumps(value), ex=self._ex(expire))
+                    pipe.execute()
+                    return value
+                except self.watch_error:
+                    continue
+
+
+def _mmap_store() -> MmapStore:
+    return MmapStore(os.environ.get("PREFORK_SESSIONS_PATH") or None,
+                     app_name="prefork_sessions_bench",
+                     cache_size=int(os.environ.get("PREFORK_SESSIONS_SIZE") or 16 << 20))
+
+
+def hello_app() -> Any:
+    @Request.application  # type: ignore[arg-type]
+    def app(request: Request) -> Response:
+        return Response(HELLO, mimetype="text/plain")
+
+    return app
+
+
+def session_app(store: Any, write: bool) -> Any:
+    @with_session(store)
+    def app(request: Any) -> Response:
+        session = request.session
+        if request.path == "/init":
+            session["visits"] = session.get("visits", 0) + 1
+        elif write:
+            session["visits"] = session.get("visits", 0) + 1
+        return Response(orjson.dumps({"visits": session.get("visits", 0)}),
+                        mimetype="application/json")
+
+    return app
+
+
+def make(variant: str) -> Any:
+    """The WSGI app for ``variant`` (see the module docstring)."""
+    if variant == "hello":
+        return hello_app()
+    if variant in ("read", "counter"):
+        return session_app(_mmap_store(), write=variant == "counter")
+    if variant == "diskcache":
+        return session_app(DiskcacheStore(os.environ["BENCH_DISKCACHE_DIR"]), write=True)
+    if variant == "redis":
+        return session_app(RedisStore(int(os.environ["BENCH_REDIS_PORT"])), write=True)
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+def profiled(variant: str) -> Any:
+    """``make(variant)`` with every request under cProfile; the stats go to
+    $BENCH_PROFILE when the worker exits (bench_http.py --profile)."""
+    import atexit
+    import cProfile
+
+    app = make(variant)
+    prof = cProfile.Profile()
+
+    def wrapped(environ: Any, start_response: Any) -> Any:
+        prof.enable()
+        try:
+            return list(app(environ, start_response))
+        finally:
+            prof.disable()
+
+    atexit.register(lambda: prof.dump_stats(os.environ["BENCH_PROFILE"]))
+    wrapped.session_store = getattr(app, "session_store", None)  # type: ignore[attr-defined]
+    return wrapped
