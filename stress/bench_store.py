@@ -50,8 +50,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without installing
@@ -217,7 +218,6 @@ class DiskcacheAdapter(Adapter):
     incr_how = "Cache.incr (transaction)"
 
     def open(self) -> None:
-        import diskcache
 
         self.dir = tempfile.mkdtemp(prefix="diskcache-", dir=self.tmp)
         self._connect()
@@ -418,7 +418,7 @@ def run_parallel(a: Adapter, keys: list[Any], seqs: list[list[int]]) -> dict[str
                     t1 = now()
                     os.write(w, f"{t0!r} {t1!r} {len(seq)}\n".encode())
                     code = 0
-                except BaseException:
+                except BaseException:  # noqa: BLE001  (the child must report and _exit, whatever happened)
                     traceback.print_exc()
                 finally:
                     os._exit(code)
@@ -517,7 +517,7 @@ def perl_args(cfg: Config, workload_dir: str, tmp: str) -> list[str]:
 def run_perl(cfg: Config, workload_dir: str, tmp: str, serializer: str, phases: str,
              timeout: float) -> dict[str, Any]:
     cmd = perl_args(cfg, workload_dir, tmp) + ["--serializer", serializer, "--phases", phases]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
     if p.returncode:
         raise RuntimeError(f"bench_fastmmap.pl failed ({p.returncode}): {p.stderr.strip()}")
     return json.loads(p.stdout)
@@ -552,12 +552,11 @@ def retention_mmap(cfg: Config, wl: Workload, tmp: str) -> dict[str, dict[str, A
 
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or "?"
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
     info: dict[str, Any] = {
         "cpu": cpu, "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
         "python": platform.python_version(), "kernel": f"{platform.system()} {platform.release()}",
@@ -568,12 +567,12 @@ def machine() -> dict[str, Any]:
             versions[mod] = __import__(mod).__version__
     with contextlib.suppress(Exception):
         versions["redis-server"] = subprocess.run(
-            ["redis-server", "--version"], capture_output=True, text=True, timeout=10
+            ["redis-server", "--version"], check=False, capture_output=True, text=True, timeout=10
         ).stdout.split("v=")[1].split()[0]
     with contextlib.suppress(Exception):
         versions["Cache::FastMmap"] = subprocess.run(
             ["perl", "-MCache::FastMmap", "-e", "print $Cache::FastMmap::VERSION"],
-            capture_output=True, text=True, timeout=10).stdout.strip() or "missing"
+            check=False, capture_output=True, text=True, timeout=10).stdout.strip() or "missing"
     info["versions"] = versions
     return info
 
@@ -588,9 +587,9 @@ def store_build() -> str:
     desc = "?"
     with contextlib.suppress(Exception):
         git = ["git", "-C", where]
-        sha = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        sha = subprocess.run(git + ["rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True,
                              timeout=10).stdout.strip()
-        dirty = subprocess.run(git + ["status", "--porcelain", "--", "."], capture_output=True, text=True,
+        dirty = subprocess.run(git + ["status", "--porcelain", "--", "."], check=False, capture_output=True, text=True,
                                timeout=10).stdout.strip()
         desc = f"git {sha}{' + uncommitted changes' if dirty else ''}" if sha else "not a git checkout"
     ext = sorted(name for name, mod in sys.modules.items()
@@ -647,7 +646,7 @@ def ratios_and_targets(summary: dict[str, Any], pair_of: dict[str, str],
 def render(report: dict[str, Any]) -> str:
     o = io.StringIO()
     cfg = report["config"]
-    p = lambda *a: print(*a, file=o)  # noqa: E731
+    p = lambda *a: print(*a, file=o)
     p(machine_line(report["machine"]))
     p(f"MmapStore: {report['store_build']}")
     la = report["load_average"]
@@ -834,7 +833,7 @@ def run(cfg: Config, ns: argparse.Namespace, tmp: str, deadline: float) -> int:
             return
         try:
             fn()
-        except Exception as e:  # one store failing must not cost the others' figures
+        except Exception as e:  # noqa: BLE001  one store failing must not cost the others' figures
             failed.add(name)
             errors.append(f"{name}: {type(e).__name__}: {e}")
             log(f"  {name} skipped: {type(e).__name__}: {e}")
@@ -859,7 +858,7 @@ def run(cfg: Config, ns: argparse.Namespace, tmp: str, deadline: float) -> int:
         if "mmapstore" in cfg.only:
             try:
                 import prefork_sessions  # noqa: F401
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001  (reported in the table, others still run)
                 failed.add("mmapstore")
                 errors.append(f"mmapstore: {type(e).__name__}: {e}")
             else:
@@ -878,7 +877,7 @@ def run(cfg: Config, ns: argparse.Namespace, tmp: str, deadline: float) -> int:
         if "redis" in cfg.only:
             try:
                 port = stack.enter_context(redis_server(tmp))
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001  (reported in the table, others still run)
                 failed.add("redis")
                 errors.append(f"redis: {type(e).__name__}: {e}")
             else:

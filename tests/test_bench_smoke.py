@@ -33,7 +33,7 @@ NUMBER_ROW = r"\|\s+{label}(?: \[[^]]*\])?\s+\|\s+[\d,]+\s+\|\s+\d+\.\d\d\s+\|"
 def _has_fastmmap() -> bool:
     if not shutil.which("perl"):
         return False
-    return subprocess.run(["perl", "-MCache::FastMmap", "-e", "1"], capture_output=True).returncode == 0
+    return subprocess.run(["perl", "-MCache::FastMmap", "-e", "1"], check=False, capture_output=True).returncode == 0
 
 
 def available() -> tuple[list[str], list[str]]:
@@ -48,7 +48,7 @@ def available() -> tuple[list[str], list[str]]:
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, BENCH, "--quick", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, BENCH, "--quick", *args], check=False, capture_output=True, text=True,
                           timeout=240, cwd=ROOT)
 
 
