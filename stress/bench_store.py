@@ -173,6 +173,14 @@ class Adapter:
     incr: Callable[[Any], Any]
 
 
+def _bump_bytes(v: bytes | None) -> bytes:
+    return b"%d" % (int(v) + 1) if v else b"1"
+
+
+def _bump_int(v: int | None) -> int:
+    return (v or 0) + 1
+
+
 class MmapAdapter(Adapter):
     incr_how = "get_and_set"
 
@@ -196,12 +204,11 @@ class MmapAdapter(Adapter):
         st = self.store
         self.get, self.set = st.get, st.set
         gs = st.get_and_set
+        bump: Callable[[Any], Any]
         if self.serializer == "raw":
-            def bump(v: bytes | None) -> bytes:
-                return b"%d" % (int(v) + 1) if v else b"1"
+            bump = _bump_bytes
         else:
-            def bump(v: int | None) -> int:
-                return (v or 0) + 1
+            bump = _bump_int
         self.incr = lambda k: gs(k, bump)
 
     def child_open(self) -> None:
@@ -223,7 +230,7 @@ class DiskcacheAdapter(Adapter):
         self._connect()
 
     def _connect(self) -> None:
-        import diskcache
+        import diskcache  # type: ignore[import-untyped]
 
         self.cache = diskcache.Cache(self.dir)
         self.get, self.set = self.cache.get, self.cache.set
@@ -434,8 +441,8 @@ def run_parallel(a: Adapter, keys: list[Any], seqs: list[list[int]]) -> dict[str
             line = f.readline()
             if not line:
                 raise RuntimeError(f"{a.label}: a mix child died")
-            t0, t1, n = line.split()
-            spans.append((float(t0), float(t1), int(n)))
+            start, end, n = line.split()
+            spans.append((float(start), float(end), int(n)))
         ok = True
     finally:
         os.close(go_w)
@@ -520,7 +527,8 @@ def run_perl(cfg: Config, workload_dir: str, tmp: str, serializer: str, phases: 
     p = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
     if p.returncode:
         raise RuntimeError(f"bench_fastmmap.pl failed ({p.returncode}): {p.stderr.strip()}")
-    return json.loads(p.stdout)
+    out: dict[str, Any] = json.loads(p.stdout)
+    return out
 
 
 def retention_mmap(cfg: Config, wl: Workload, tmp: str) -> dict[str, dict[str, Any]]:
@@ -646,7 +654,10 @@ def ratios_and_targets(summary: dict[str, Any], pair_of: dict[str, str],
 def render(report: dict[str, Any]) -> str:
     o = io.StringIO()
     cfg = report["config"]
-    p = lambda *a: print(*a, file=o)
+
+    def p(*a: object) -> None:
+        print(*a, file=o)
+
     p(machine_line(report["machine"]))
     p(f"MmapStore: {report['store_build']}")
     la = report["load_average"]
@@ -821,7 +832,9 @@ def run(cfg: Config, ns: argparse.Namespace, tmp: str, deadline: float) -> int:
                "diskcache": "MmapStore (raw)", "lmdb": "MmapStore (raw)", "redis": "MmapStore (raw)"}
     order = ["MmapStore (raw)", "Cache::FastMmap (raw_values)", "MmapStore (json)", "Cache::FastMmap (Storable)",
              "diskcache", "lmdb", "redis"]
-    log = (lambda *a: None) if ns.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    def log(*a: object) -> None:
+        if not ns.json:
+            print(*a, file=sys.stderr, flush=True)
 
     # Repeats are interleaved (round 1 of every store, then round 2, ...) so a burst of
     # outside load lands on several stores rather than on all runs of one.
@@ -863,17 +876,17 @@ def run(cfg: Config, ns: argparse.Namespace, tmp: str, deadline: float) -> int:
                 errors.append(f"mmapstore: {type(e).__name__}: {e}")
             else:
                 for value, ser in ((raw_value, "raw"), (obj_value, "json")):
-                    a = MmapAdapter(cfg, tmp, value, ser)
-                    plan.append(("mmapstore", a.label, python_once(a)))
+                    ma = MmapAdapter(cfg, tmp, value, ser)
+                    plan.append(("mmapstore", ma.label, python_once(ma)))
         if "fastmmap" in cfg.only:
             for ser, label in (("raw", "Cache::FastMmap (raw_values)"), ("storable", "Cache::FastMmap (Storable)")):
                 plan.append(("fastmmap", label, perl_once(ser, label)))
         if "diskcache" in cfg.only:
-            a = DiskcacheAdapter(cfg, tmp, raw_value)
-            plan.append(("diskcache", a.label, python_once(a)))
+            da = DiskcacheAdapter(cfg, tmp, raw_value)
+            plan.append(("diskcache", da.label, python_once(da)))
         if "lmdb" in cfg.only:
-            a = LmdbAdapter(cfg, tmp, raw_value)
-            plan.append(("lmdb", a.label, python_once(a)))
+            la = LmdbAdapter(cfg, tmp, raw_value)
+            plan.append(("lmdb", la.label, python_once(la)))
         if "redis" in cfg.only:
             try:
                 port = stack.enter_context(redis_server(tmp))
@@ -881,8 +894,8 @@ def run(cfg: Config, ns: argparse.Namespace, tmp: str, deadline: float) -> int:
                 failed.add("redis")
                 errors.append(f"redis: {type(e).__name__}: {e}")
             else:
-                a = RedisAdapter(cfg, tmp, raw_value, port)
-                plan.append(("redis", a.label, python_once(a)))
+                ra = RedisAdapter(cfg, tmp, raw_value, port)
+                plan.append(("redis", ra.label, python_once(ra)))
         for i in range(cfg.repeat):
             for store, label, once in plan:
                 log(f"  round {i + 1}/{cfg.repeat}: {label}")
