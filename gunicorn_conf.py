@@ -10,6 +10,7 @@ worker sharing one session file.  Environment variables (defaults in brackets):
     PREFORK_SESSIONS_APP       the WSGI app, module:name      [prefork_sessions.demo:app]
     PREFORK_SESSIONS_PATH      session file  [<tempdir>/prefork_sessions_demo_session_data]
     PREFORK_SESSIONS_SIZE      file size in bytes, used when it is created [16777216]
+    PREFORK_SESSIONS_REDIS_URL keep sessions in Redis at this URL instead   [unset]
 
 Command-line options override these (``gunicorn -c gunicorn_conf.py -w 8 --preload``).
 For your own app, set PREFORK_SESSIONS_APP and open your MmapStore at
@@ -19,11 +20,12 @@ PREFORK_SESSIONS_PATH, or copy this file and change the names.
 import os
 import sys
 
-from prefork_sessions import MmapStore, SessionStoreError
+from prefork_sessions import MmapStore, RedisStore, SessionStoreError
 
 PATH_ENV = "PREFORK_SESSIONS_PATH"  # also read by prefork_sessions.demo
 SIZE_ENV = "PREFORK_SESSIONS_SIZE"  # also read by prefork_sessions.demo
 APP_NAME = "prefork_sessions_demo"  # names the default path, as in prefork_sessions.demo
+REDIS_ENV = "PREFORK_SESSIONS_REDIS_URL"  # also read by prefork_sessions.demo
 
 
 def _env_int(name, default):
@@ -45,7 +47,19 @@ def on_starting(server):
     """Master, once, before any worker exists: create the session file or check the
     existing one, so a bad path, owner or mode stops gunicorn here with a clear
     error instead of failing in every worker.  The resolved path is put in the
-    environment the workers inherit, so they all open this very file."""
+    environment the workers inherit, so they all open this very file.  With
+    PREFORK_SESSIONS_REDIS_URL set, check that the Redis server answers instead."""
+    if os.environ.get(REDIS_ENV):
+        try:
+            with RedisStore(os.environ[REDIS_ENV]) as redis_store:
+                problems = redis_store.check()
+        except Exception as e:  # redis-py raises its own ConnectionError and friends
+            problems = [str(e)]
+        if problems:
+            server.log.error("cannot use the Redis session store: %s", "; ".join(problems))
+            sys.exit(1)
+        server.log.info("session store: Redis at %s", os.environ[REDIS_ENV])
+        return
     try:
         store = MmapStore(
             os.environ.get(PATH_ENV) or None,
@@ -80,7 +94,7 @@ def post_fork(server, worker):
     store = getattr(app, "session_store", None)  # set by with_session / SessionMiddleware
     if store is not None:
         store.reopen()
-        server.log.info("worker %s reopened the session store %s", worker.pid, store.path)
+        server.log.info("worker %s reopened the session store", worker.pid)
 
 
 def child_exit(server, worker):

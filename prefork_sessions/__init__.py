@@ -10,6 +10,7 @@ from ._errors import (
     UnsafeFileError,
     ValueTooLargeError,
 )
+from ._redis import RedisStore
 from ._session import Session, SessionOptions
 from ._store import NEVER, MmapStore
 from ._wsgi import SessionMiddleware, SessionRequest, with_session

@@ -58,6 +58,16 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def lifetime(expire: float | None) -> float:
+    """Seconds an entry lives (0.0: never) from an ``expire`` argument; None means never
+    here (callers substitute their default first)."""
+    if expire is None or expire == 0 or expire == math.inf:
+        return 0.0
+    if not expire > 0:
+        raise ValueError(f"expire={expire!r}: use a positive number of seconds, or 0/NEVER for no expiry")
+    return float(expire)
+
+
 def default_path(app_name: str | None) -> str:
     """``<tempdir>/<app_name>_session_data``, as Cache::FastMmap's session store names it."""
     return os.path.join(tempfile.gettempdir(), f"{app_name or 'prefork_sessions'}_session_data")
@@ -95,7 +105,7 @@ class MmapStore:
         self.path = os.fspath(path) if path is not None else default_path(app_name)
         self._want_geometry = (page_size, cache_size // page_size)
         self.serializer, self._dumps, self._loads = resolve(serializer)
-        self._expire = self._lifetime(expire)
+        self._expire = lifetime(expire)
         self._lock_timeout = float(lock_timeout)
         self._busy: set[int] = set()
         self._hits = self._misses = 0
@@ -194,17 +204,9 @@ class MmapStore:
 
     # ------------------------------------------------------------------ helpers
 
-    @staticmethod
-    def _lifetime(expire: float | None) -> float:
-        if expire is None or expire == 0 or expire == math.inf:
-            return 0.0
-        if not expire > 0:
-            raise ValueError(f"expire={expire!r}: use a positive number of seconds, or 0/NEVER for no expiry")
-        return float(expire)
-
     def _expire_at(self, expire: float | None) -> float:
-        lifetime = self._expire if expire is None else self._lifetime(expire)
-        return time.time() + lifetime if lifetime else 0.0
+        life = self._expire if expire is None else lifetime(expire)
+        return time.time() + life if life else 0.0
 
     def _key(self, key: str | bytes) -> tuple[bytes, int]:
         if type(key) is str:
@@ -364,11 +366,8 @@ class MmapStore:
             raise self._serialize_error(key, e) from e
         if L.ENTRY_SIZE + len(kb) + len(vb) > self._max_entry:
             raise self._too_large(kb, vb)
-        if expire is None:
-            lifetime = self._expire
-        else:
-            lifetime = self._lifetime(expire)
-        self._write(kb, flags, time.time() + lifetime if lifetime else 0.0, vb, None)
+        life = self._expire if expire is None else lifetime(expire)
+        self._write(kb, flags, time.time() + life if life else 0.0, vb, None)
 
     def get_and_set(self, key: str | bytes, fn: Callable[[Any], Any], expire: float | None = None) -> Any:
         """Atomically store and return ``fn(current value or None)``.

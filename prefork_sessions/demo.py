@@ -8,7 +8,8 @@ Run it with ``gunicorn -c gunicorn_conf.py`` (the config's default app), then::
     curl http://127.0.0.1:8000/stats                 # the store's counters
 
 The store file's path and size come from the environment variables that
-gunicorn_conf.py also reads (``PREFORK_SESSIONS_PATH``, ``PREFORK_SESSIONS_SIZE``).
+gunicorn_conf.py also reads (``PREFORK_SESSIONS_PATH``, ``PREFORK_SESSIONS_SIZE``);
+``PREFORK_SESSIONS_REDIS_URL`` selects a RedisStore on that server instead.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import orjson
 from werkzeug.exceptions import NotFound
 from werkzeug.wrappers import Response
 
+from ._redis import RedisStore
 from ._store import MmapStore
 from ._wsgi import SessionRequest, with_session
 
@@ -27,6 +29,8 @@ PATH_ENV = "PREFORK_SESSIONS_PATH"
 """Store file path; unset means ``<tempdir>/prefork_sessions_demo_session_data``."""
 SIZE_ENV = "PREFORK_SESSIONS_SIZE"
 """Store size in bytes, used when the file is created."""
+REDIS_ENV = "PREFORK_SESSIONS_REDIS_URL"
+"""A redis:// URL: keep the sessions in Redis instead of the file."""
 APP_NAME = "prefork_sessions_demo"
 DEFAULT_SIZE = 16 << 20
 
@@ -42,8 +46,10 @@ def store_size(environ: Mapping[str, str] = os.environ) -> int:
         ) from None
 
 
-def open_store(environ: Mapping[str, str] = os.environ) -> MmapStore:
+def open_store(environ: Mapping[str, str] = os.environ) -> MmapStore | RedisStore:
     """Open (or create) the demo's store as configured by the environment."""
+    if environ.get(REDIS_ENV):
+        return RedisStore(environ[REDIS_ENV], prefix=f"{APP_NAME}:")
     return MmapStore(
         environ.get(PATH_ENV) or None, app_name=APP_NAME, cache_size=store_size(environ)
     )

@@ -95,3 +95,16 @@ def test_an_unsafe_store_file_stops_gunicorn_in_the_master(tmp_path: Path) -> No
     assert "cannot use the session store" in log and "writable by group or others" in log
     assert "Booting worker" not in log
     assert path.read_bytes() == b"not a store"  # left untouched
+
+
+def test_the_demo_on_a_redis_store_counts_across_workers(tmp_path: Path, redis_url: str) -> None:
+    """PREFORK_SESSIONS_REDIS_URL selects RedisStore: same behaviour, another server."""
+    with LiveGunicorn(
+        tmp_path, workers=4, args=("--max-requests", "2"), env={"PREFORK_SESSIONS_REDIS_URL": redis_url}
+    ) as server:
+        browser = Browser(server)
+        data = [browser.json("/") for _ in range(10)]
+        assert [d["visits"] for d in data] == list(range(1, 11))
+        assert len({d["worker"] for d in data}) >= 3
+        assert not server.store_path.exists()  # nothing went to the file
+    assert "session store: Redis at" in server.log_path.read_text()

@@ -1,0 +1,235 @@
+"""RedisStore: MmapStore's interface on a Redis server, for more than one machine.
+
+Atomic updates use optimistic transactions (WATCH/MULTI/EXEC): ``get_and_set``
+reads, runs ``fn``, and commits only if nobody changed the key meanwhile,
+otherwise it runs ``fn`` again on the newer value.  Expiry is Redis's own (PX).
+Keys live under ``prefix`` so ``clear()`` and ``keys()`` never touch others'.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, Self
+
+from ._errors import ReentrantCallError, SerializationError, StoreClosedError, ValueTooLargeError
+from ._serializers import resolve
+from ._store import lifetime
+
+__all__ = ["RedisStore"]
+
+MAX_VALUE_SIZE = 512 << 20  # Redis's limit for a string value
+DEFAULT_PREFIX = "prefork_sessions:"
+
+
+class RedisStore:
+    """A store with MmapStore's interface on Redis (``pip install 'prefork_sessions[redis]'``).
+
+    ``url`` is a redis-py URL (``redis://127.0.0.1:6379/0``), or pass ``client``.
+    ``expire`` is the default lifetime in seconds (0 = never); ``serializer`` as
+    for MmapStore.  ``prefix`` namespaces the keys (it may not be empty).
+    """
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        client: Any = None,
+        prefix: str = DEFAULT_PREFIX,
+        expire: float = 0,
+        serializer: Any = "json",
+    ) -> None:
+        import redis
+
+        if not prefix:
+            raise ValueError("prefix may not be empty: clear() would empty the whole Redis database")
+        self._redis = redis
+        self.url = url
+        self._client: Any = client if client is not None else redis.Redis.from_url(url)
+        self._owns_client = client is None
+        self._prefix = prefix.encode()
+        self.serializer, self._dumps, self._loads = resolve(serializer)
+        self._expire = lifetime(expire)
+        self._busy: set[int] = set()
+        self._hits = self._misses = 0
+        self._closed = False
+
+    # ------------------------------------------------------------------ helpers
+
+    def _k(self, key: str | bytes) -> bytes:
+        if self._closed:
+            raise StoreClosedError("store is closed; call reopen() to use it again")
+        if self._busy and threading.get_ident() in self._busy:
+            raise ReentrantCallError(
+                "the store was called from inside a get_and_set() callback; compute from the "
+                "value passed to the callback and return the result"
+            )
+        if isinstance(key, str):
+            return self._prefix + key.encode()
+        if isinstance(key, (bytes, bytearray, memoryview)):
+            return self._prefix + bytes(key)
+        raise TypeError(f"keys are str or bytes, not {type(key).__name__}")
+
+    def _encode(self, key: object, value: Any) -> bytes:
+        try:
+            vb = self._dumps(value)
+        except Exception as e:
+            raise SerializationError(
+                f"cannot store the value for {key!r} with serializer {self.serializer!r}: {e}. "
+                "Store JSON-compatible values, or choose serializer='pickle' or a custom serializer."
+            ) from e
+        if len(vb) > MAX_VALUE_SIZE:
+            raise ValueTooLargeError(f"value of {len(vb)} bytes exceeds Redis's limit of {MAX_VALUE_SIZE} bytes")
+        return vb
+
+    def _decode(self, raw: bytes) -> Any:
+        if self._loads is None:
+            return raw
+        try:
+            return self._loads(raw)
+        except Exception as e:
+            raise SerializationError(
+                f"a value under {self._prefix!r} cannot be read with serializer {self.serializer!r}: {e}"
+            ) from e
+
+    def _px(self, expire: float | None) -> int | None:
+        life = self._expire if expire is None else lifetime(expire)
+        return math.ceil(life * 1000) if life else None
+
+    # ------------------------------------------------------------------ API
+
+    def get(self, key: str | bytes, default: Any = None) -> Any:
+        """The value stored under ``key``, or ``default`` when missing or expired."""
+        raw = self._client.get(self._k(key))
+        if raw is None:
+            self._misses += 1
+            return default
+        self._hits += 1
+        return self._decode(raw)
+
+    def __contains__(self, key: object) -> bool:
+        return bool(self._client.exists(self._k(key)))  # type: ignore[arg-type]
+
+    def set(self, key: str | bytes, value: Any, expire: float | None = None) -> None:
+        """Store ``value``; ``expire`` in seconds (None: store default; 0: never)."""
+        k = self._k(key)
+        self._client.set(k, self._encode(key, value), px=self._px(expire))
+
+    def delete(self, key: str | bytes) -> bool:
+        """Remove ``key``; True if it was there."""
+        return bool(self._client.delete(self._k(key)))
+
+    def get_and_set(self, key: str | bytes, fn: Callable[[Any], Any], expire: float | None = None) -> Any:
+        """Atomically store and return ``fn(current value or None)``.
+
+        Optimistic: if another client changes the key while ``fn`` runs, ``fn``
+        runs again on the new value, so keep it free of side effects.  If ``fn``
+        raises, nothing is stored.
+        """
+        k = self._k(key)
+        px = self._px(expire)
+        me = threading.get_ident()
+        with self._client.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(k)
+                    raw: bytes | None = pipe.get(k)
+                    old = None if raw is None else self._decode(raw)
+                    self._busy.add(me)
+                    try:
+                        new = fn(old)
+                    finally:
+                        self._busy.discard(me)
+                    vb = self._encode(key, new)
+                    pipe.multi()
+                    pipe.set(k, vb, px=px)
+                    pipe.execute()
+                    return new
+                except self._redis.WatchError:
+                    continue
+
+    def _scan(self) -> Iterator[bytes]:
+        if self._closed:
+            raise StoreClosedError("store is closed; call reopen() to use it again")
+        found: Iterator[bytes] = self._client.scan_iter(match=_glob_escape(self._prefix) + b"*", count=1000)
+        return found
+
+    def keys(self) -> list[str | bytes]:
+        """The live keys under this store's prefix (str when they decode as UTF-8)."""
+        out: list[str | bytes] = []
+        n = len(self._prefix)
+        for k in self._scan():
+            try:
+                out.append(k[n:].decode())
+            except UnicodeDecodeError:
+                out.append(k[n:])
+        return out
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self._scan())
+
+    def __iter__(self) -> Iterator[str | bytes]:
+        return iter(self.keys())
+
+    def purge(self) -> int:
+        """Redis removes expired keys itself: nothing to do, returns 0."""
+        return 0
+
+    def clear(self) -> None:
+        """Remove every key under this store's prefix."""
+        batch: list[bytes] = []
+        for k in self._scan():
+            batch.append(k)
+            if len(batch) >= 1000:
+                self._client.unlink(*batch)
+                batch.clear()
+        if batch:
+            self._client.unlink(*batch)
+
+    def stats(self) -> dict[str, Any]:
+        """This process's hits and misses; server-wide expirations, evictions and memory."""
+        info = self._client.info()
+        return {
+            "entries": len(self),
+            "hits": self._hits,
+            "misses": self._misses,
+            "expirations": info.get("expired_keys", 0),
+            "evictions": info.get("evicted_keys", 0),
+            "recovered_pages": 0,
+            "bytes_used": info.get("used_memory", 0),
+            "capacity": info.get("maxmemory", 0),
+            "url": self.url,
+        }
+
+    def check(self) -> list[str]:
+        """Redis keeps its own data sound; this checks the server answers."""
+        return [] if self._client.ping() else [f"{self.url} did not answer PING"]
+
+    def reopen(self) -> None:
+        """Reconnect (redis-py already replaces its connections in a forked child)."""
+        if self._owns_client:
+            self._client.close()
+            self._client = self._redis.Redis.from_url(self.url)
+        self._closed = False
+
+    def close(self) -> None:
+        """Close the connections; later calls raise StoreClosedError until reopen()."""
+        if self._owns_client:
+            self._client.close()
+        self._closed = True
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _glob_escape(b: bytes) -> bytes:
+    out = bytearray()
+    for c in b:
+        if c in b"*?[]\\":
+            out += b"\\"
+        out.append(c)
+    return bytes(out)
