@@ -159,6 +159,12 @@ class Report:
         self.notes.append(text)
 
     def check(self, name: str, ok: bool, why: str = "") -> bool:
+        """Record an invariant; checked again under the same name, it holds only if it always held."""
+        for i, (n, was_ok, was_why) in enumerate(self.checks):
+            if n == name:
+                if was_ok and not ok:
+                    self.checks[i] = (name, False, why)
+                return bool(ok)
         self.checks.append((name, bool(ok), why))
         return bool(ok)
 

@@ -10,7 +10,7 @@ Invariants checked at the end:
   * no operation raised; every child exited 0 within the timeout;
   * store.check() == [].
 
-    python stress/concurrent_writers.py --processes 4 --threads 4 --ops 5000 --seed 1
+    python stress/concurrent_writers.py --processes 4 --threads 4 --ops 25000 --seed 1
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--processes", type=int, default=4, help="writer processes [4]")
     p.add_argument("--threads", type=int, default=4, help="threads per process [4]")
-    p.add_argument("--ops", type=int, default=5000, help="operations per thread [5000]")
+    p.add_argument("--ops", type=int, default=25000, help="operations per thread [25000]")
     p.add_argument("--keys", type=int, default=300, help="shared data keys [300]")
     p.add_argument("--counters", type=int, default=8, help="get_and_set counters [8]")
     p.add_argument("--max-pad", type=int, default=800, help="largest value padding, bytes [800]")

@@ -15,7 +15,7 @@ end); every value read carries a valid checksum; writers die only by our
 SIGKILL; recovered_pages > 0 over the run (kills did land mid-write);
 store.check() == [].
 
-    python stress/crash.py --processes 4 --seconds 20 --seed 1
+    python stress/crash.py --processes 4 --seconds 60 --seed 1
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--processes", type=int, default=4, help="writer processes alive at once [4]")
     p.add_argument("--threads", type=int, default=1, choices=[1],
                    help="threads per writer (1: a pipe records one writer's order) [1]")
-    p.add_argument("--seconds", type=float, default=20, help="how long to keep killing [20]")
+    p.add_argument("--seconds", type=float, default=60, help="how long to keep killing [60]")
     p.add_argument("--kills", type=int, default=0, help="stop after this many kills (0: no cap) [0]")
     p.add_argument("--min-life", type=float, default=0.002, help="shortest writer life, s [0.002]")
     p.add_argument("--max-life", type=float, default=0.06, help="longest writer life, s [0.06]")

@@ -11,7 +11,7 @@
 
 Needs root (to chown and to drop to nobody).
 
-    python stress/file_modes.py --processes 4 --threads 2 --seed 1
+    python stress/file_modes.py --processes 8 --threads 2 --rounds 5 --seed 1
 """
 
 from __future__ import annotations
@@ -34,6 +34,23 @@ from prefork_sessions import MmapStore, UnsafeFileError
 
 SMALL = {"cache_size": 256 << 10, "page_size": 8 << 10}
 UMASKS = (0o000, 0o022, 0o077)
+
+
+class Rows:
+    """Table rows merged over rounds: one per case, with how many rounds came out ok."""
+
+    def __init__(self, report: C.Report) -> None:
+        self.report = report
+        self.rows: dict[str, list[Any]] = {}
+
+    def row(self, case: str, expected: str, got: str, untouched: str, result: str) -> None:
+        if case not in self.rows or result != "ok":
+            self.rows[case] = [expected, got, untouched, result, self.rows.get(case, [0] * 5)[4]]
+        self.rows[case][4] += result == "ok"
+
+    def flush(self) -> None:
+        for case, (expected, got, untouched, result, ok) in self.rows.items():
+            self.report.row(case, expected, got, untouched, result, ok)
 
 
 def snapshot(path: Path) -> tuple[Any, ...]:
@@ -67,7 +84,7 @@ def racing_openers(path: Path, proc: int, ns: argparse.Namespace) -> None:
         raise errors[0]
 
 
-def create_under_umask(tmp: Path, umask: int, ns: argparse.Namespace, report: C.Report) -> None:
+def create_under_umask(tmp: Path, umask: int, ns: argparse.Namespace, report: C.Report, rows: Rows) -> None:
     d = tmp / f"umask{umask:03o}"
     d.mkdir()
     path = d / "store"
@@ -86,7 +103,7 @@ def create_under_umask(tmp: Path, umask: int, ns: argparse.Namespace, report: C.
                    for p in range(ns.processes) for t in range(ns.threads))
         problems = store.check()
     n = ns.processes * ns.threads
-    report.row(f"create, umask {umask:03o}", "0640, ours, one file",
+    rows.row(f"create, umask {umask:03o}", "0640, ours, one file",
                f"{mode:04o}, uid {st.st_uid}, {len(names)} file(s), {seen}/{n} writes seen", "-",
                "ok" if mode == 0o640 and st.st_uid == os.geteuid() and names == ["store"]
                and seen == n and ok == len(pids) else "WRONG")
@@ -104,7 +121,7 @@ def make_store(path: Path, rnd: random.Random) -> None:
             store.set(f"k{i}", rnd.randbytes(rnd.randrange(1, 500)).hex())
 
 
-def refused(name: str, path: Path, watch: list[Path], report: C.Report) -> None:
+def refused(name: str, path: Path, watch: list[Path], report: C.Report, rows: Rows) -> None:
     """Opening ``path`` must raise UnsafeFileError (a PermissionError); ``watch`` untouched."""
     before = [snapshot(p) for p in watch]
     try:
@@ -116,14 +133,14 @@ def refused(name: str, path: Path, watch: list[Path], report: C.Report) -> None:
     except Exception as e:  # noqa: BLE001 - the wrong refusal is a failure
         got, ok = f"{type(e).__name__}: {e}", False
     untouched = [snapshot(p) for p in watch] == before
-    report.row(name, "UnsafeFileError", got, "yes" if untouched else "NO",
+    rows.row(name, "UnsafeFileError", got, "yes" if untouched else "NO",
                "ok" if ok and untouched else "WRONG")
     report.check(f"{name}: refused with UnsafeFileError (a PermissionError)", ok, got)
     report.check(f"{name}: left byte-for-byte untouched", untouched,
                  f"before {before}, after {[snapshot(p) for p in watch]}")
 
 
-def other_user(tmp: Path, rnd: random.Random, report: C.Report) -> None:
+def other_user(tmp: Path, rnd: random.Random, report: C.Report, rows: Rows) -> None:
     d = tmp / "other-user"
     d.mkdir()
     os.chmod(d, 0o755)  # nobody can reach the file: the store itself must refuse
@@ -145,7 +162,7 @@ def other_user(tmp: Path, rnd: random.Random, report: C.Report) -> None:
     code = next(iter(codes.values()))
     untouched = snapshot(path) == before
     got = {0: "PermissionError", 5: "opened it", None: "hung"}.get(code, f"exit {code}")
-    report.row("child as nobody opens our 0640 file", "PermissionError", got,
+    rows.row("child as nobody opens our 0640 file", "PermissionError", got,
                "yes" if untouched else "NO", "ok" if code == 0 and untouched else "WRONG")
     report.check("a process of another uid is refused", code == 0, got)
     report.check("the other uid left our file untouched", untouched, "")
@@ -154,9 +171,9 @@ def other_user(tmp: Path, rnd: random.Random, report: C.Report) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--processes", type=int, default=4, help="racing creator processes per umask [4]")
+    p.add_argument("--processes", type=int, default=8, help="racing creator processes per umask [8]")
     p.add_argument("--threads", type=int, default=2, help="opener threads per process [2]")
-    p.add_argument("--rounds", type=int, default=1, help="repeat every case this many times [1]")
+    p.add_argument("--rounds", type=int, default=5, help="repeat every case this many times [5]")
     C.add_common_args(p, timeout=120)
     return p.parse_args(argv)
 
@@ -177,38 +194,41 @@ def run(ns: argparse.Namespace, tmp: Path) -> int:
     report = C.Report(
         f"file_modes: {ns.processes} processes x {ns.threads} threads racing per umask, "
         f"{ns.rounds} round(s), seed {ns.seed}",
-        ["case", "expected", "got", "untouched", "result"],
+        ["case", "expected", "got (last round, or a wrong one)", "untouched", "result", "rounds ok"],
     )
+
     nobody = pwd.getpwnam("nobody")
+    rows = Rows(report)
     for r in range(ns.rounds):
         base = tmp / f"round{r}"
         base.mkdir()
         for umask in UMASKS:
-            create_under_umask(base, umask, ns, report)
-        other_user(base, rnd, report)
+            create_under_umask(base, umask, ns, report, rows)
+        other_user(base, rnd, report, rows)
 
         target = base / "target"
         make_store(target, rnd)
         link = base / "link"
         link.symlink_to(target)
-        refused("symlink to a good store", link, [link, target], report)
+        refused("symlink to a good store", link, [link, target], report, rows)
 
         dangling = base / "dangling"
         dangling.symlink_to(base / "nowhere")
-        refused("dangling symlink", dangling, [dangling], report)
+        refused("dangling symlink", dangling, [dangling], report, rows)
         report.check("dangling symlink: nothing created at its target",
                      not (base / "nowhere").exists(), "the store followed the link")
 
         foreign = base / "foreign"
         make_store(foreign, rnd)
         os.chown(foreign, nobody.pw_uid, nobody.pw_gid)
-        refused("file owned by nobody", foreign, [foreign], report)
+        refused("file owned by nobody", foreign, [foreign], report, rows)
 
         for mode in (0o660, 0o646, 0o666):
             loose = base / f"mode{mode:03o}"
             make_store(loose, rnd)
             os.chmod(loose, mode)
-            refused(f"file with mode {mode:04o}", loose, [loose], report)
+            refused(f"file with mode {mode:04o}", loose, [loose], report, rows)
+    rows.flush()
     return report.finish()
 
 

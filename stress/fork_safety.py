@@ -16,7 +16,7 @@ counter ends at exactly the number of increments made to it; every value read
 is one a writer wrote under that key; every child exits 0 within
 --child-timeout (a hang is killed and fails); store.check() == [].
 
-    python stress/fork_safety.py --processes 4 --threads 3 --ops 1000 --seed 1
+    python stress/fork_safety.py --processes 4 --threads 3 --ops 4000 --seed 1
 """
 
 from __future__ import annotations
@@ -219,7 +219,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--processes", type=int, default=4, help="children forked per scenario [4]")
     p.add_argument("--threads", type=int, default=3, help="threads per process [3]")
-    p.add_argument("--ops", type=int, default=1000, help="increments per thread [1000]")
+    p.add_argument("--ops", type=int, default=4000, help="increments per thread [4000]")
     p.add_argument("--keys", type=int, default=50, help="checksummed data keys per scenario [50]")
     p.add_argument("--counters", type=int, default=4, help="counters per scenario [4]")
     p.add_argument("--depth", type=int, default=3, help="nested: levels of forking [3]")

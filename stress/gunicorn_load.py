@@ -14,7 +14,7 @@ to ``GET /`` (a new connection each, so any worker may answer).  Invariants
   * several worker pids served each client (workers really were replaced);
   * after the server stops, store.check() == [] on its session file.
 
-    python stress/gunicorn_load.py --workers 4 --clients 16 --requests 150 --seed 1
+    python stress/gunicorn_load.py --workers 4 --clients 32 --requests 250 --seed 1
 """
 
 from __future__ import annotations
@@ -122,8 +122,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", "--processes", type=int, default=4, help="gunicorn workers [4]")
     p.add_argument("--threads", type=int, default=1,
                    help="threads per worker (>1: gthread workers) [1]")
-    p.add_argument("--clients", type=int, default=16, help="concurrent clients [16]")
-    p.add_argument("--requests", "--ops", type=int, default=150, help="requests per client [150]")
+    p.add_argument("--clients", type=int, default=32, help="concurrent clients [32]")
+    p.add_argument("--requests", "--ops", type=int, default=250, help="requests per client [250]")
     p.add_argument("--max-requests", type=int, default=100,
                    help="gunicorn --max-requests (0: off) [100]")
     p.add_argument("--kill-every", type=float, nargs=2, default=(0.1, 0.4), metavar=("MIN", "MAX"),
