@@ -11,7 +11,9 @@ few milliseconds, reaps it, checks its keys and starts a new writer in its slot.
 
 Invariants: every key reads back as its last acknowledged value or the value in
 flight when its writer died (checked after every kill, and for all keys at the
-end); every value read carries a valid checksum; writers die only by our
+end), or is missing because one of its two pages had to evict live entries for
+room since the key was last checked (the page's eviction counter says so; counted
+as "evicted (LRU)", not a loss; the default sizes make this rare); every value read carries a valid checksum; writers die only by our
 SIGKILL; recovered_pages > 0 over the run (kills did land mid-write);
 store.check() == [].
 
@@ -21,6 +23,7 @@ store.check() == [].
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import random
 import selectors
@@ -35,10 +38,12 @@ from pathlib import Path
 import _common as C
 
 from prefork_sessions import MmapStore
+from prefork_sessions import _layout as L  # only to read the per-page eviction counters
 
 REC = struct.Struct("<IIB")  # key index, version, op | IN_FLIGHT
 SET, DELETE, UPDATE = 0, 1, 2
 IN_FLIGHT = 0x80
+U64 = struct.Struct("<Q")
 OP_NAMES = {SET: "set", DELETE: "delete", UPDATE: "get_and_set"}
 
 
@@ -95,6 +100,8 @@ class Slot:
     kills: int = 0
     landed: int = 0  # in-flight writes found applied after the kill
     checked: int = 0
+    evicted: int = 0  # keys found missing where their page evicted a live entry
+    evictions_seen: dict[int, int] = field(default_factory=dict)  # page -> counter at last verify
     problems: list[str] = field(default_factory=list)
 
     def feed(self, data: bytes) -> None:
@@ -119,6 +126,20 @@ class Supervisor:
         self.sel = selectors.DefaultSelector()
         self.slots = [Slot(i) for i in range(ns.processes)]
         self.unexpected: list[str] = []
+        fd = os.open(store.path, os.O_RDONLY)
+        self.view = mmap.mmap(fd, 0, prot=mmap.PROT_READ)  # our own read-only view of the file
+        os.close(fd)
+
+    def page_evictions(self) -> dict[int, int]:
+        """Each page's count of live entries evicted for room (a page header field)."""
+        s = self.store
+        return {p: U64.unpack_from(self.view, L.page_offset(s.page_size, p) + L.OFF_EVICTIONS)[0]
+                for p in range(s.num_pages)}
+
+    def evicted_here(self, slot: Slot, key: str, now: dict[int, int]) -> bool:
+        """Did one of ``key``'s two candidate pages evict a live entry since the slot's last check?"""
+        _, p1, p2, *_ = self.store._pager.locate(key.encode())
+        return any(now[p] > slot.evictions_seen.get(p, 0) for p in (p1, p2))
 
     def start(self, slot: Slot) -> None:
         r, w = os.pipe()
@@ -165,7 +186,9 @@ class Supervisor:
         self.verify(slot)
 
     def verify(self, slot: Slot) -> None:
-        """Every key of a dead writer reads as acknowledged, or as the write in flight."""
+        """Every key of a dead writer reads as acknowledged, or as the write in flight,
+        or is missing because its page had to evict live entries (LRU) since we last looked."""
+        missing: list[tuple[int, str, set[int]]] = []
         for k in range(self.ns.keys):
             key = key_name(slot.index, k)
             value = self.store.get(key)
@@ -178,12 +201,25 @@ class Supervisor:
             if slot.in_flight and slot.in_flight[0] == k:
                 allowed.add(slot.in_flight[1])
             if got not in allowed:
+                if got == 0:
+                    missing.append((k, key, allowed))
+                    continue
                 slot.problems.append(
-                    f"gen {slot.gen}: {key} reads version {got or 'missing'}, "
+                    f"gen {slot.gen}: {key} reads version {got}, "
                     f"expected {' or '.join(str(a or 'missing') for a in sorted(allowed))}")
             elif got != slot.acked.get(k, 0):
                 slot.acked[k] = got  # the in-flight write landed
                 slot.landed += 1
+        now = self.page_evictions()  # after the reads: an eviction before a read shows here
+        for k, key, allowed in missing:
+            if self.evicted_here(slot, key, now):
+                slot.evicted += 1
+                slot.acked[k] = 0
+            else:
+                slot.problems.append(
+                    f"gen {slot.gen}: {key} is missing (its pages evicted nothing), expected "
+                    f"{' or '.join(str(a or 'missing') for a in sorted(allowed))}")
+        slot.evictions_seen = now
         slot.in_flight = None
 
 
@@ -252,13 +288,15 @@ def run(ns: argparse.Namespace, tmp: Path) -> int:
     report = C.Report(
         f"crash: {ns.processes} writers, {kills} SIGKILLs in {elapsed:.1f} s, {ns.keys} keys each, "
         f"{store.num_pages} pages of {store.page_size} B, seed {ns.seed}",
-        ["writer slot", "lives", "ops acked", "in-flight landed", "keys verified", "wrong reads"],
+        ["writer slot", "lives", "ops acked", "in-flight landed", "keys verified",
+         "evicted (LRU)", "wrong reads"],
     )
     for slot in sup.slots:
-        report.row(slot.index, slot.gen, slot.ops, slot.landed, slot.checked, len(slot.problems))
+        report.row(slot.index, slot.gen, slot.ops, slot.landed, slot.checked, slot.evicted,
+                   len(slot.problems))
     report.row("all", sum(s.gen for s in sup.slots), sum(s.ops for s in sup.slots),
                sum(s.landed for s in sup.slots), sum(s.checked for s in sup.slots),
-               sum(len(s.problems) for s in sup.slots))
+               sum(s.evicted for s in sup.slots), sum(len(s.problems) for s in sup.slots))
     report.note(
         f"store: recovered_pages {stats['recovered_pages']:,} (before check(): "
         f"{stats_before['recovered_pages']:,}), evictions {stats['evictions']:,}, "
@@ -276,6 +314,7 @@ def run(ns: argparse.Namespace, tmp: Path) -> int:
     report.check("recovered_pages > 0 (kills landed mid-write)", stats["recovered_pages"] > 0,
                  "no kill landed mid-write: run longer (--seconds) or with more writers")
     report.check("store.check() == []", problems == [], "; ".join(problems[:5]))
+    sup.view.close()
     store.close()
     return report.finish()
 
