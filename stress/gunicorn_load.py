@@ -192,8 +192,19 @@ def run(ns: argparse.Namespace, server: LiveGunicorn) -> int:
         ["client", "answered", "cut by a kill", "skips after a cut", "final visits", "workers seen",
          "problems"],
     )
-    for c in clients:
-        report.row(c.index, c.ok, c.cuts, c.skips, c.last or 0, len(c.pids), len(c.problems))
+    def cells(c: Client) -> list[int]:
+        return [c.ok, c.cuts, c.skips, c.last or 0, len(c.pids), len(c.problems)]
+
+    if len(clients) <= 12:
+        for c in clients:
+            report.row(c.index, *cells(c))
+    else:  # one row per client with a problem, then the spread
+        for c in clients:
+            if c.problems:
+                report.row(c.index, *cells(c))
+        columns = list(zip(*(cells(c) for c in clients), strict=True))
+        report.row("min per client", *(min(col) for col in columns))
+        report.row("max per client", *(max(col) for col in columns))
     report.row("all", sum(c.ok for c in clients), sum(c.cuts for c in clients),
                sum(c.skips for c in clients), sum(c.last or 0 for c in clients),
                len(set().union(*(c.pids for c in clients))), sum(len(c.problems) for c in clients))
