@@ -68,11 +68,16 @@ def _create(path: str, page_size: int, num_pages: int) -> None:
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         os.fchmod(fd, FILE_MODE)
-        # Write every byte rather than leave a sparse file: blocks are allocated now,
-        # not on first touch through the mapping (costly faults on the hot path, and
-        # SIGBUS instead of a clean error when the disk is full).
+        # Write every byte rather than leave a sparse file, so blocks are allocated
+        # now, not on first touch through the mapping (a costly fault on the hot
+        # path, and SIGBUS instead of a clean error when the disk is full).  Write it
+        # 4 KiB at a time: the page cache then holds small folios, and the
+        # write-protect fault a disk filesystem takes on the first store into each
+        # page costs a fraction of what it costs on a large folio (measured on ext4:
+        # a 1 KiB insert took 20-31 us on a file written in 1 MiB chunks, 10-11 us
+        # in 4 KiB chunks).
         size = L.file_size(page_size, num_pages)
-        zeros = bytes(1 << 20)
+        zeros = bytes(4096)
         for at in range(0, size, len(zeros)):
             os.pwrite(fd, zeros[:size - at], at)
         slots = L.slots_for(page_size)

@@ -320,3 +320,9 @@ def test_updating_an_expired_key_in_a_full_page(make_store: Make) -> None:
     assert store.get("k") == b"y" * 4000
     assert store.get("other") == b"o" * 3000
     assert store.check() == []
+
+
+def test_page_size_not_a_multiple_of_4096(make_store: Make) -> None:
+    store = make_store(cache_size=5 * 5120, page_size=5120)
+    store.set("k", "v")
+    assert store.get("k") == "v" and store.num_pages == 5 and store.check() == []
