@@ -85,26 +85,43 @@ class Pager:
                 i = 0
         return 0, 0, free
 
-    def locate(self, kb: bytes) -> tuple[int, int, int, int, int, int]:
-        """(hash, p1, p2, first slot, page holding the key or -1, roomier page).
+    def holds(self, po: int, kb: bytes, h: int, s0: int) -> int:
+        """Is the key in the page at ``po``?  1 yes, 0 no, -1 could not tell
+        (writers kept the page busy on every try).  Seqlock-validated."""
+        mm = self._mm
+        assert mm is not None
+        for _ in range(READ_TRIES):
+            try:
+                s = _seq_at(mm, po)[0]
+                if s & 1:
+                    continue
+                found = self.find(po, kb, h, s0)[1] != 0
+                if _seq_at(mm, po)[0] == s:
+                    return int(found)
+            except TORN:
+                continue
+        return -1
 
-        A lock-free guess, authoritative when both pages are locked.  The roomier
-        page (fewer live bytes) is where a new key goes: two-choice placement."""
+    def locate(self, kb: bytes) -> tuple[int, int, int, int, int, int]:
+        """(hash, p1, p2, first slot, page holding the key (-1: neither, -2: could
+        not tell), roomier page).  Lock-free and seqlock-validated.
+
+        The roomier page is where a new key goes (two-choice placement): the
+        second page only if it holds fewer live bytes by a margin of 1/32 page,
+        since an insert holds the first page's lock anyway and the second costs
+        another lock.  Simulated at 85% fill with 64 KiB pages, the margin keeps
+        99.98% of entries (99.999% without) and sends 30% of inserts (not 50%) to
+        the second page."""
         mm = self._mm
         assert mm is not None
         h, p1, p2, s0 = self.where(kb)
         po1, po2 = L.page_offset(self._ps, p1), L.page_offset(self._ps, p2)
-        page = -1
-        try:
-            if self.find(po1, kb, h, s0)[1]:
-                page = p1
-            elif p2 != p1 and self.find(po2, kb, h, s0)[1]:
-                page = p2
-        except TORN:
-            pass
+        in1 = self.holds(po1, kb, h, s0)
+        in2 = 0 if in1 == 1 or p2 == p1 else self.holds(po2, kb, h, s0)
+        page = p1 if in1 == 1 else p2 if in2 == 1 else -2 if min(in1, in2) < 0 else -1
         _, _, b1, d1 = L.COUNTS.unpack_from(mm, po1 + 8)
         _, _, b2, d2 = L.COUNTS.unpack_from(mm, po2 + 8)
-        return h, p1, p2, s0, page, p1 if b1 - d1 <= b2 - d2 else p2
+        return h, p1, p2, s0, page, p2 if b2 - d2 + (self._ps >> 5) < b1 - d1 else p1
 
     def read(self, kb: bytes) -> bytes | None | Literal[False]:
         """Lock-free read: the raw value, None (absent or expired), or False

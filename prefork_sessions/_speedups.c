@@ -174,17 +174,35 @@ static inline int64_t page_load(Pager *self, Py_ssize_t page) {
     return (int64_t)counts[2] - (int64_t)counts[3];
 }
 
-/* locate(key) -> (hash, p1, p2, first_slot, page holding it or -1, roomier page).
- * A lock-free guess, authoritative when both pages are locked. */
+/* Is the key in the page at po?  1 yes, 0 no, -1 could not tell (writers kept
+ * the page busy: its seq was odd or moved on every try). */
+static int holds(Pager *self, Py_ssize_t po, const char *k, Py_ssize_t klen, uint32_t h, Py_ssize_t s0) {
+    const char *buf = (const char *)self->view.buf;
+    Py_ssize_t so, eo, fr;
+    for (int attempt = 0; attempt < READ_TRIES; attempt++) {
+        uint64_t s = load_seq(buf + po);
+        if (s & 1) continue;
+        if (probe(self, po, k, klen, h, s0, &so, &eo, &fr) < 0) continue;
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (load_seq(buf + po) == s) return eo != 0;
+    }
+    return -1;
+}
+
+/* locate(key) -> (hash, p1, p2, first_slot, page holding it: -1 none, -2 unknown,
+ * roomier page).  Lock-free and seqlock-validated; see _pager.Pager.locate. */
 static PyObject *Pager_locate(Pager *self, PyObject *key) {
-    const char *k; Py_ssize_t klen, p1, p2, s0, so, eo, fr, page = -1; uint32_t h;
+    const char *k; Py_ssize_t klen, p1, p2, s0, page = -1; uint32_t h;
     if (check_open(self) < 0 || get_key(key, &k, &klen) < 0) return NULL;
     where(self, k, klen, &h, &p1, &p2, &s0);
-    if (probe(self, page_off(self, p1), k, klen, h, s0, &so, &eo, &fr) == 0 && eo)
-        page = p1;
-    else if (p2 != p1 && probe(self, page_off(self, p2), k, klen, h, s0, &so, &eo, &fr) == 0 && eo)
-        page = p2;
-    Py_ssize_t roomier = page_load(self, p1) <= page_load(self, p2) ? p1 : p2;
+    int in1 = holds(self, page_off(self, p1), k, klen, h, s0);
+    int in2 = (in1 == 1 || p2 == p1) ? 0 : holds(self, page_off(self, p2), k, klen, h, s0);
+    if (in1 == 1) page = p1;
+    else if (in2 == 1) page = p2;
+    else if (in1 < 0 || in2 < 0) page = -2;
+    /* two-choice placement, leaning to the home page (whose lock an insert holds
+     * anyway) unless the other is emptier by a margin: see _pager.Pager.locate */
+    Py_ssize_t roomier = page_load(self, p2) + (self->page_size >> 5) < page_load(self, p1) ? p2 : p1;
     return Py_BuildValue("(Innnnn)", h, p1, p2, s0, page, roomier);
 }
 
@@ -479,7 +497,7 @@ static void Pager_dealloc(Pager *self) {
 static PyMethodDef Pager_methods[] = {
     {"where", (PyCFunction)Pager_where, METH_O, "where(key) -> (hash, p1, p2, first_slot)"},
     {"find", (PyCFunction)(void (*)(void))Pager_find, METH_FASTCALL, "find(po, key, hash, s0) -> (so, eo, free)"},
-    {"locate", (PyCFunction)Pager_locate, METH_O, "locate(key) -> (hash, p1, p2, s0, page or -1, roomier page)"},
+    {"locate", (PyCFunction)Pager_locate, METH_O, "locate(key) -> (hash, p1, p2, s0, page | -1 none | -2 unknown, roomier page)"},
     {"read", (PyCFunction)Pager_read, METH_O, "read(key) -> value bytes | None (absent or expired) | False (contended)"},
     {"lock", (PyCFunction)(void (*)(void))Pager_lock, METH_FASTCALL,
      "lock(page, timeout) -> 0 | 1 (locked, seq odd: repair) | -1 (timed out)"},

@@ -406,48 +406,100 @@ class MmapStore:
         if self._mm is None:
             self._revive()
         while True:
-            h, _, _, s0, page, _ = self._pager.locate(kb)
-            if page < 0:
+            h, p1, p2, s0, page, _ = self._pager.locate(kb)
+            if page == -1:
                 return False
-            self._lock(page)
+            # -2: a page was too busy to tell; look in both, locked in index order
+            pages = self._lock_pages(p1, p2) if page == -2 else (page,)
+            if page >= 0:
+                self._lock(page)
             try:
                 mm = self._mm
                 assert mm is not None
-                po = L.page_offset(self.page_size, page)
-                so, eo, _ = self._pager.find(po, kb, h, s0)
-                if not eo:
-                    continue  # moved on between the guess and the lock: look again
-                exp = _entry_at(mm, eo)[0]
-                self._bump_seq(mm, po)
-                self._kill(mm, po, so, eo)
-                self._bump_seq(mm, po)
-                return not (exp and exp <= time.time())
+                for p in pages:
+                    po = L.page_offset(self.page_size, p)
+                    so, eo, _ = self._pager.find(po, kb, h, s0)
+                    if eo:
+                        exp = _entry_at(mm, eo)[0]
+                        self._bump_seq(mm, po)
+                        self._kill(mm, po, so, eo)
+                        self._bump_seq(mm, po)
+                        return not (exp and exp <= time.time())
             finally:
-                self._unlock(page)
+                self._unlock_pages(pages)
+            if page == -2:
+                return False  # in neither page, with both locked
+            # deleted by someone else between the look and the lock: look again
 
     # ------------------------------------------------------------------ writing
 
     def _write(
         self, kb: bytes, flags: int, exp_at: float, vb: bytes, update: Callable[[bytes | None], bytes] | None
     ) -> None:
-        """Store ``vb`` (or ``update(old raw value or None)``) under the page lock(s)."""
+        """Store ``vb`` (or ``update(old raw value or None)``) under the page lock(s).
+
+        A key's first page is its home: every insert of the key locks it first,
+        so two inserts of one key cannot race, and an update locks only the page
+        that holds the key (invariant 4).  A new key goes to the roomier page; its
+        second page is locked too only then, waiting only in index order and
+        otherwise just trying (a busy second page: stay home).
+        """
         if self._mm is None:
             self._revive()
         pager = self._pager
-        h, p1, p2, s0, page, _ = pager.locate(kb)
-        if page >= 0:  # update in place: only its page need be locked (invariant 4)
-            self._lock(page)
+        backoff = False
+        while True:
+            if backoff:  # p2 stayed busy and p1 is released: let its holder finish
+                time.sleep(50e-6)
+            h, p1, p2, s0, page, roomier = pager.locate(kb)
+            if page == p2 != p1:  # lives in its second page: update it there
+                self._lock(p2)
+                try:
+                    if self._write_locked(p2, kb, flags, h, s0, exp_at, vb, update, True):
+                        return
+                finally:
+                    pager.unlock(p2)
+                continue  # deleted meanwhile: start over
+            self._lock(p1)
             try:
-                if self._write_locked(page, kb, flags, h, s0, exp_at, vb, update, True):
+                if self._write_locked(p1, kb, flags, h, s0, exp_at, vb, update, True):
                     return
+                # Not in p1; with p1 held nobody can insert it into p2, so what
+                # locate says of p2 now is final (-2: p2 was too busy to tell).
+                page, roomier = pager.locate(kb)[4:]
+                if page == p2:
+                    continue
+                second = (page == -2 or roomier == p2) and self._lock_second(p1, p2)
+                backoff = page == -2 and not second
+                if backoff:
+                    continue
+                try:
+                    if page == -2 and self._write_locked(p2, kb, flags, h, s0, exp_at, vb, update, True):
+                        return
+                    target = p2 if second and roomier == p2 else p1
+                    self._write_locked(target, kb, flags, h, s0, exp_at, vb, update, False)
+                    return
+                finally:
+                    if second:
+                        pager.unlock(p2)
             finally:
-                pager.unlock(page)
-        pages = self._lock_pages(p1, p2)
-        try:
-            page, roomier = self._pager.locate(kb)[4:]
-            self._write_locked(roomier if page < 0 else page, kb, flags, h, s0, exp_at, vb, update, False)
-        finally:
-            self._unlock_pages(pages)
+                pager.unlock(p1)
+
+    def _lock_second(self, p1: int, p2: int) -> bool:
+        """With p1 locked, lock p2: waiting only in index order, else just trying."""
+        if p2 > p1:
+            self._lock(p2)
+            return True
+        state = self._pager.lock(p2, 0.0)
+        if state < 0:
+            return False
+        if state:
+            try:
+                self._repair(p2, L.page_offset(self.page_size, p2))
+            except BaseException:
+                self._pager.unlock(p2)
+                raise
+        return True
 
     def _write_locked(
         self, page: int, kb: bytes, flags: int, h: int, s0: int, exp_at: float, vb: bytes,

@@ -285,3 +285,25 @@ def test_writer_killed_mid_compaction_page_is_restored_from_the_spare(tmp_path: 
     assert store.get("new") in (None, b"N" * 2500)
     assert store.check() == []
     assert store.stats()["recovered_pages"] >= 1
+
+
+def test_racing_inserts_of_the_same_new_keys_never_duplicate(tmp_path: Path) -> None:
+    """Processes and threads all insert the same fresh keys at once (first page,
+    second page, either), deleting some as they go: every increment counts and no
+    key ever lands in both of its pages."""
+    store = MmapStore(tmp_path / "s", cache_size=512 << 10, page_size=4 << 10)
+
+    def work() -> None:
+        def run() -> None:
+            for i in range(150):
+                store.get_and_set(f"new{i}", lambda v: (v or 0) + 1)
+                store.set(f"scratch{i % 7}", "x" * (i % 300))
+                if i % 5 == 0:
+                    store.delete(f"scratch{(i + 3) % 7}")
+
+        _in_threads(run, 2)
+
+    _wait_ok([_fork(work) for _ in range(3)])
+    assert [store.get(f"new{i}") for i in range(150)] == [6] * 150
+    assert store.check() == []
+    assert store.stats()["evictions"] == 0
