@@ -20,6 +20,7 @@ __all__ = [
     "FileFormatError",
     "LockTimeoutError",
     "MmapStore",
+    "RedisStore",
     "ReentrantCallError",
     "SerializationError",
     "Session",

@@ -119,7 +119,7 @@ def _validate(fd: int, path: str) -> Geometry:
             f"{path} is not a prefork_sessions store file (bad magic); it was left untouched. "
             "Delete it or choose another path."
         )
-    magic, version, header_size, page_size, num_pages, slots, seed, _fid, _ctime = L.HEADER.unpack(raw)
+    _, version, header_size, page_size, num_pages, slots, seed, _, _ = L.HEADER.unpack(raw)
     if version != L.VERSION or header_size != L.HEADER_SIZE:
         raise FileFormatError(
             f"{path} has store format version {version}; this prefork_sessions reads version "
