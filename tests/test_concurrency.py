@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from _procs import fork, wait_ok
 
 from prefork_sessions import LockTimeoutError, MmapStore
 
@@ -40,26 +41,9 @@ def _in_threads(fn: Callable[[], None], count: int) -> None:
     assert not errors, errors
 
 
-def _fork(fn: Callable[[], None]) -> int:
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        code = 1
-        try:
-            fn()
-            code = 0
-        finally:
-            os._exit(code)
-    return pid
-
-
-def _wait_ok(pids: list[int]) -> None:
-    for pid in pids:
-        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
-
-
 def test_four_processes_increment_to_exactly_8000(tmp_path: Path) -> None:
     store = MmapStore(tmp_path / "s", cache_size=1 << 20, page_size=16 << 10)
-    _wait_ok([_fork(lambda: _increment(store, INCREMENTS)) for _ in range(4)])
+    wait_ok([fork(lambda: _increment(store, INCREMENTS)) for _ in range(4)])
     assert store.get("counter") == 4 * INCREMENTS
     assert store.check() == []
 
@@ -73,9 +57,9 @@ def test_four_threads_increment_to_exactly_8000(tmp_path: Path) -> None:
 def test_processes_with_threads_increment_exactly(tmp_path: Path) -> None:
     """2 forked processes x 2 threads each, plus 2 threads in the parent: 6 x 1000."""
     store = MmapStore(tmp_path / "s", cache_size=1 << 20, page_size=16 << 10)
-    pids = [_fork(lambda: _in_threads(lambda: _increment(store, 1000), 2)) for _ in range(2)]
+    pids = [fork(lambda: _in_threads(lambda: _increment(store, 1000), 2)) for _ in range(2)]
     _in_threads(lambda: _increment(store, 1000), 2)
-    _wait_ok(pids)
+    wait_ok(pids)
     assert store.get("counter") == 6000
 
 
@@ -88,7 +72,7 @@ def test_child_reopening_explicitly_shares_the_file(tmp_path: Path) -> None:
         assert store.get("from_parent") == 1
         store.set("from_child", 2)
 
-    _wait_ok([_fork(child)])
+    wait_ok([fork(child)])
     assert store.get("from_child") == 2
 
 
@@ -110,11 +94,11 @@ def test_fork_while_another_thread_holds_a_page_lock(tmp_path: Path) -> None:
     t = threading.Thread(target=hold)
     t.start()
     assert holding.wait(10)
-    pid = _fork(lambda: store.get_and_set("k", lambda v: v + 10))
+    pid = fork(lambda: store.get_and_set("k", lambda v: v + 10))
     time.sleep(0.3)  # the child is now waiting on the page lock
     release.set()
     t.join()
-    _wait_ok([pid])
+    wait_ok([pid])
     assert store.get("k") == 11
 
 
@@ -122,10 +106,10 @@ def test_grandchildren_share_the_store(tmp_path: Path) -> None:
     store = MmapStore(tmp_path / "s", cache_size=1 << 20, page_size=16 << 10)
 
     def child() -> None:
-        _wait_ok([_fork(lambda: _increment(store, 200)) for _ in range(2)])
+        wait_ok([fork(lambda: _increment(store, 200)) for _ in range(2)])
         _increment(store, 200)
 
-    _wait_ok([_fork(child) for _ in range(2)])
+    wait_ok([fork(child) for _ in range(2)])
     assert store.get("counter") == 1200
 
 
@@ -137,21 +121,21 @@ def test_lock_held_too_long_times_out_with_a_typed_error(tmp_path: Path) -> None
     def holder() -> None:
         store.get_and_set("k", lambda v: (os.write(w, b"x"), time.sleep(3), v)[2])
 
-    pid = _fork(holder)
+    pid = fork(holder)
     os.read(r, 1)
     other = MmapStore(tmp_path / "s", lock_timeout=0.3)
     with pytest.raises(LockTimeoutError) as err:
         other.set("k", 1)
     assert isinstance(err.value, TimeoutError) and "lock_timeout" in str(err.value)
     assert other.get("k") == 0  # lock-free reads still work meanwhile
-    _wait_ok([pid])
+    wait_ok([pid])
 
 
 def test_a_killed_lock_holder_never_wedges_the_store(tmp_path: Path) -> None:
     store = MmapStore(tmp_path / "s", cache_size=1 << 20, page_size=16 << 10, lock_timeout=5)
     store.set("k", 0)
     r, w = os.pipe()
-    pid = _fork(lambda: store.get_and_set("k", lambda v: (os.write(w, b"x"), time.sleep(60))[1]))
+    pid = fork(lambda: store.get_and_set("k", lambda v: (os.write(w, b"x"), time.sleep(60))[1]))
     os.read(r, 1)
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
@@ -241,7 +225,7 @@ def test_threads_of_a_forked_child_reopen_the_store_once(tmp_path: Path) -> None
 
         _in_threads(work, 8)
 
-    _wait_ok([_fork(child) for _ in range(3)])
+    wait_ok([fork(child) for _ in range(3)])
     assert store.get("counter") == 2400
     assert store.check() == []
 
@@ -277,7 +261,7 @@ def test_writer_killed_mid_compaction_page_is_restored_from_the_spare(tmp_path: 
         _layout.SPARE_STATE = Trap()  # type: ignore[assignment]
         store.set("new", b"N" * 2500)  # in flight when killed
 
-    pid = _fork(child)
+    pid = fork(child)
     status = os.waitpid(pid, 0)[1]
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, "the trap never fired"
     for key, value in expected.items():
@@ -303,7 +287,7 @@ def test_racing_inserts_of_the_same_new_keys_never_duplicate(tmp_path: Path) -> 
 
         _in_threads(run, 2)
 
-    _wait_ok([_fork(work) for _ in range(3)])
+    wait_ok([fork(work) for _ in range(3)])
     assert [store.get(f"new{i}") for i in range(150)] == [6] * 150
     assert store.check() == []
     assert store.stats()["evictions"] == 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import uuid
@@ -10,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _procs import fork, wait_ok
 
 from prefork_sessions import (
     MmapStore,
@@ -79,21 +79,12 @@ def test_threads_increment_exactly(any_store: Store) -> None:
 
 
 def test_forked_processes_increment_exactly(any_store: Store) -> None:
-    pids = []
-    for _ in range(3):
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - child
-            code = 1
-            try:
-                any_store.reopen()
-                for _ in range(200):
-                    any_store.get_and_set("c", lambda v: (v or 0) + 1)
-                code = 0
-            finally:
-                os._exit(code)
-        pids.append(pid)
-    for pid in pids:
-        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    def child() -> None:
+        any_store.reopen()
+        for _ in range(200):
+            any_store.get_and_set("c", lambda v: (v or 0) + 1)
+
+    wait_ok([fork(child) for _ in range(3)])
     assert any_store.get("c") == 600
 
 

@@ -8,6 +8,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from _procs import fork, wait_ok
 
 from prefork_sessions import FileFormatError, MmapStore, SessionStoreError, UnsafeFileError
 from prefork_sessions import _layout as L
@@ -98,21 +99,14 @@ def test_other_uid_cannot_open_our_file_for_writing(tmp_path: Path) -> None:
     with MmapStore(path, **SMALL):
         pass
     nobody = pwd.getpwnam("nobody")
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        code = 3
-        try:
-            os.setgid(nobody.pw_gid)
-            os.setuid(nobody.pw_uid)
-            try:
-                MmapStore(path, **SMALL)
-                code = 1
-            except PermissionError:
-                code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+
+    def as_nobody() -> None:
+        os.setgid(nobody.pw_gid)
+        os.setuid(nobody.pw_uid)
+        with pytest.raises(PermissionError):
+            MmapStore(path, **SMALL)
+
+    wait_ok([fork(as_nobody)])
 
 
 @pytest.mark.parametrize(
@@ -147,20 +141,11 @@ def test_wrong_magic_version_or_size_is_refused_untouched(tmp_path: Path, damage
 def test_racing_creators_end_up_on_one_file(tmp_path: Path) -> None:
     """Many processes creating the same store at once all map the same, whole file."""
     path = tmp_path / "s"
-    pids = []
-    for i in range(8):
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - child
-            code = 1
-            try:
-                with MmapStore(path, cache_size=4 << 20, page_size=64 << 10) as store:
-                    store.set(f"from{i}", i)
-                    code = 0
-            finally:
-                os._exit(code)
-        pids.append(pid)
-    for pid in pids:
-        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    def create(i: int) -> None:
+        with MmapStore(path, cache_size=4 << 20, page_size=64 << 10) as store:
+            store.set(f"from{i}", i)
+
+    wait_ok([fork(lambda i=i: create(i)) for i in range(8)])
     with MmapStore(path) as store:
         assert sorted(store.get(f"from{i}") for i in range(8)) == list(range(8))
         assert store.check() == []
