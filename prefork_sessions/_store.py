@@ -281,9 +281,6 @@ class MmapStore:
                 self._pager.unlock(page)
                 raise
 
-    def _unlock(self, page: int) -> None:
-        self._pager.unlock(page)
-
     def _lock_pages(self, p1: int, p2: int) -> tuple[int, ...]:
         """Lock a key's page(s) in index order (the global order that rules out deadlock)."""
         pages = (p1,) if p1 == p2 else (p1, p2) if p1 < p2 else (p2, p1)
@@ -292,16 +289,13 @@ class MmapStore:
             try:
                 self._lock(pages[1])
             except BaseException:
-                self._unlock(pages[0])
+                self._pager.unlock(pages[0])
                 raise
         return pages
 
     def _unlock_pages(self, pages: tuple[int, ...]) -> None:
         for p in reversed(pages):
-            self._unlock(p)
-
-    def _bump_seq(self, mm: mmap.mmap, po: int) -> None:
-        self._pager.bump(po)
+            self._pager.unlock(p)
 
     # ------------------------------------------------------------------ lookup
 
@@ -421,9 +415,9 @@ class MmapStore:
                     so, eo, _ = self._pager.find(po, kb, h, s0)
                     if eo:
                         exp = _entry_at(mm, eo)[0]
-                        self._bump_seq(mm, po)
+                        self._pager.bump(po)
                         self._kill(mm, po, so, eo)
-                        self._bump_seq(mm, po)
+                        self._pager.bump(po)
                         return not (exp and exp <= time.time())
             finally:
                 self._unlock_pages(pages)
@@ -627,7 +621,7 @@ class MmapStore:
             mm[po + 8:po + end] = img[8:end]
             L.SPARE_STATE.pack_into(mm, L.SPARE_STATE_OFF, L.SPARE_EMPTY, 0, 0)
         finally:
-            self._unlock(L.SPARE_LOCK)
+            self._pager.unlock(L.SPARE_LOCK)
 
     def _settle_spare(self, mm: mmap.mmap) -> None:
         """With the spare locked: finish a compaction a dead process left half-copied.
@@ -655,7 +649,7 @@ class MmapStore:
         try:
             self._settle_spare(mm)
         finally:
-            self._unlock(L.SPARE_LOCK)
+            self._pager.unlock(L.SPARE_LOCK)
         atimes = {}
         base = po + L.PAGE_HDR_SIZE
         for i in range(self._nslots):
@@ -693,7 +687,7 @@ class MmapStore:
         self._rebuild_slots(mm, po, keep[-self._max_used:], bump)
         self._add_counter(mm, po + L.OFF_EXPIRATIONS, expired)
         self._add_counter(mm, po + L.OFF_RECOVERIES, 1)
-        self._bump_seq(mm, po)
+        self._pager.bump(po)
 
     def _rebuild_slots(self, mm: mmap.mmap, po: int, entries: list[tuple[int, int]], bump: int) -> None:
         nslots, n = self._nslots, self.num_pages
@@ -722,7 +716,7 @@ class MmapStore:
                 assert mm is not None
                 yield mm, L.page_offset(self.page_size, page)
             finally:
-                self._unlock(page)
+                self._pager.unlock(page)
 
     def purge(self) -> int:
         """Remove expired entries from every page; returns how many were removed."""
@@ -731,22 +725,22 @@ class MmapStore:
             now = time.time()
             expired = [(so, eo) for so, eo, _, exp in self._live(mm, po) if exp and exp <= now]
             if expired:
-                self._bump_seq(mm, po)
+                self._pager.bump(po)
                 for so, eo in expired:
                     self._kill(mm, po, so, eo)
                 self._add_counter(mm, po + L.OFF_EXPIRATIONS, len(expired))
-                self._bump_seq(mm, po)
+                self._pager.bump(po)
                 removed += len(expired)
         return removed
 
     def clear(self) -> None:
         """Remove every entry (counters are kept)."""
         for mm, po in self._each_page():
-            self._bump_seq(mm, po)
+            self._pager.bump(po)
             L.U32.pack_into(mm, po + L.OFF_BUMP, self._d0)  # first, so a crash here repairs to empty
             mm[po + L.PAGE_HDR_SIZE:po + self._d0] = bytes(self._d0 - L.PAGE_HDR_SIZE)
             L.COUNTS.pack_into(mm, po + 8, 0, 0, self._d0, 0)
-            self._bump_seq(mm, po)
+            self._pager.bump(po)
 
     def keys(self) -> list[str | bytes]:
         """The live (unexpired) keys, as the str or bytes they were stored with."""
