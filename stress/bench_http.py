@@ -9,7 +9,10 @@ session layer on diskcache and on a real redis-server (started here on a free
 loopback port, no persistence, always stopped).  Each is loaded with wrk (a Lua
 script gives every request one of --sessions cookies obtained beforehand), or,
 where wrk is missing or with --loader python, a bounded Python load generator.
-Variants are measured in turn, --rounds times, interleaved; the best round counts.
+Variants are measured in turn, --rounds times, interleaved, so each round's
+ratio to hello-world compares runs a few seconds apart; the table gives the
+median requests/s and the median of the per-round ratios (robust to other load
+on the machine coming and going).
 
 Prints requests/s and the ratio to hello-world with the targets
 (written-every-request >= 0.85x, read-only >= 0.95x) and PASS/FAIL marks, and
@@ -17,7 +20,7 @@ the machine.  Exit status 1 when a run broke (non-2xx answers, socket errors,
 no requests, a server that would not start); a missed target fails the exit
 status only with --enforce-targets.
 
-    python stress/bench_http.py --seconds 10 --rounds 3
+    python stress/bench_http.py --seconds 6 --rounds 5
     python stress/bench_http.py --only hello,counter --profile counter
 """
 
@@ -30,6 +33,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -143,9 +147,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--processes", "--workers", type=int, default=2, help="gunicorn sync workers [2]")
     p.add_argument("--threads", type=int, default=1, help="threads per worker (>1: gthread) [1]")
-    p.add_argument("--seconds", type=float, default=10, help="seconds of load per measurement [10]")
+    p.add_argument("--seconds", type=float, default=6, help="seconds of load per measurement [6]")
     p.add_argument("--warmup", type=float, default=1, help="seconds of load before each [1]")
-    p.add_argument("--rounds", type=int, default=3, help="measurements per variant, best kept [3]")
+    p.add_argument("--rounds", type=int, default=5, help="measurements per variant; medians reported [5]")
     p.add_argument("--connections", type=int, default=8, help="concurrent connections [8]")
     p.add_argument("--wrk-threads", type=int, default=1, help="wrk threads [1]")
     p.add_argument("--sessions", type=int, default=64, help="distinct session cookies [64]")
@@ -155,6 +159,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"comma-separated subset of {','.join(VARIANTS)} (hello always runs)")
     p.add_argument("--enforce-targets", action="store_true",
                    help="exit 1 when a ratio misses its target")
+    p.add_argument("--inprocess", type=int, default=5000, metavar="N",
+                   help="also time each app called in-process, N calls (0: skip) [5000]")
     p.add_argument("--profile", choices=[v for v in VARIANTS if v != "hello"],
                    help="also cProfile one worker of this variant and print the top functions")
     C.add_common_args(p, timeout=900)
@@ -190,7 +196,7 @@ def run(ns: argparse.Namespace, tmp: Path, servers: list[LiveGunicorn]) -> int:
     report = C.Report(
         f"bench_http: gunicorn -c gunicorn_conf.py, {ns.processes} "
         f"{'sync' if ns.threads == 1 else 'gthread'} workers, {ns.loader} "
-        f"({ns.connections} connections, {ns.sessions} sessions), best of {ns.rounds} x "
+        f"({ns.connections} connections, {ns.sessions} sessions), median of {ns.rounds} rounds x "
         f"{ns.seconds:g} s",
         ["variant", "requests/s", "x hello", "target", "mark", "requests", "non-2xx", "socket errors"],
     )
@@ -222,16 +228,17 @@ def run(ns: argparse.Namespace, tmp: Path, servers: list[LiveGunicorn]) -> int:
                     load(ns.warmup)
                 results[v].append(load(ns.seconds))
         profile = profile_worker(ns, tmp, env) if ns.profile else ""
+        inproc = (inprocess_costs([v for v in ns.only if v in ("hello", "read", "counter")], env,
+                                  tmp, ns.inprocess) if ns.inprocess else "")
 
-    best = {v: max(rs, key=lambda r: r["rate"]) for v, rs in results.items()}
-    hello = best["hello"]["rate"]
+    hellos = [r["rate"] for r in results["hello"]]
     for v in ns.only:
-        r = best[v]
-        ratio = r["rate"] / hello if hello else 0.0
+        rate = statistics.median(r["rate"] for r in results[v])
+        ratio = statistics.median(r["rate"] / h if h else 0.0 for r, h in zip(results[v], hellos))
         target = TARGETS.get(v)
         mark = "" if target is None else ("PASS" if ratio >= target else "FAIL")
         errs = sum(sum(x["errors"].values()) for x in results[v])
-        report.row(VARIANTS[v], round(r["rate"]), f"{ratio:.2f}x",
+        report.row(VARIANTS[v], round(rate), f"{ratio:.2f}x",
                    f">= {target:.2f}x" if target else "", mark, sum(x["requests"] for x in results[v]),
                    sum(x["non2xx"] for x in results[v]), errs)
         report.check(f"{v}: answered requests", all(x["requests"] > 0 for x in results[v]), "none")
@@ -241,13 +248,53 @@ def run(ns: argparse.Namespace, tmp: Path, servers: list[LiveGunicorn]) -> int:
                      f"{[x['errors'] for x in results[v]]}")
         if target is not None and ns.enforce_targets:
             report.check(f"{v}: >= {target:.2f}x hello-world", ratio >= target, f"{ratio:.2f}x")
-    report.note("all rounds (requests/s): " + "; ".join(
+    report.note("every round (requests/s): " + "; ".join(
         f"{v} " + "/".join(f"{x['rate']:,.0f}" for x in results[v]) for v in ns.only))
     report.note(machine_line(machine()))
     report.note(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if inproc:
+        report.note(inproc)
     if profile:
         report.note(profile)
     return report.finish()
+
+
+def inprocess_costs(variants: list[str], env: dict[str, str], tmp: Path, n: int) -> str:
+    """Microseconds per request of each app called directly (no HTTP, no gunicorn), and of
+    the MmapStore calls a session request makes: where the time goes, free of network noise."""
+    import timeit
+
+    from werkzeug.test import EnvironBuilder, run_wsgi_app
+
+    os.environ.update(env, PREFORK_SESSIONS_PATH=str(tmp / "inprocess.store"))
+    import bench_apps
+
+    lines, cost = [], {}
+    for v in variants:
+        app = bench_apps.make(v)
+        headers = {}
+        if v != "hello":
+            _, _, h = run_wsgi_app(app, EnvironBuilder(path="/init").get_environ())
+            headers["Cookie"] = h["Set-Cookie"].split(";", 1)[0]
+        environ = EnvironBuilder(path="/", headers=headers).get_environ()
+
+        def call(app: Any = app, environ: dict[str, Any] = environ) -> None:
+            body, _, _ = run_wsgi_app(app, dict(environ))
+            b"".join(body)
+
+        cost[v] = min(timeit.repeat(call, number=n, repeat=3)) / n * 1e6
+        extra = f" (+{cost[v] - cost['hello']:.1f} over hello-world)" if v != "hello" else ""
+        lines.append(f"  {VARIANTS[v]:<45} {cost[v]:7.1f} us{extra}")
+    store = bench_apps._mmap_store()
+    store.set("probe", {"_d": {"visits": 1}, "_e": 0.0, "_f": []})
+    for name, fn in (("MmapStore.get(session)", lambda: store.get("probe")),
+                     ("MmapStore.get_and_set(session, identity)",
+                      lambda: store.get_and_set("probe", lambda x: x))):
+        us = min(timeit.repeat(fn, number=n * 5, repeat=3)) / (n * 5) * 1e6
+        lines.append(f"  {name:<45} {us:7.1f} us")
+    store.close()
+    return "in-process cost per request (app called directly, best of 3 x %d):\n%s" % (
+        n, "\n".join(lines))
 
 
 def profile_worker(ns: argparse.Namespace, tmp: Path, env: dict[str, str]) -> str:

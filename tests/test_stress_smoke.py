@@ -25,10 +25,11 @@ SMOKE = {
     "file_modes": ["--processes", "2", "--threads", "2"],
     "gunicorn_load": ["--clients", "4", "--requests", "30", "--max-requests", "10",
                       "--min-workers-seen", "2", "--kill-every", "0.1", "0.2"],
-    "bench_http": ["--seconds", "1", "--warmup", "0", "--rounds", "1", "--sessions", "4"],
+    "bench_http": ["--seconds", "1", "--warmup", "0", "--rounds", "1", "--sessions", "4",
+                   "--inprocess", "200"],
     "bench_http_python_loader": ["--loader", "python", "--only", "read", "--seconds", "1",
                                  "--warmup", "0", "--rounds", "1", "--sessions", "2",
-                                 "--connections", "2"],
+                                 "--connections", "2", "--inprocess", "0"],
 }
 TABLE_HEAD = {
     "concurrent_writers": "| process ",
