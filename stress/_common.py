@@ -10,8 +10,8 @@ by :func:`hard_timeout`, which kills every child it knows of and exits 3.
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import sys
 import time

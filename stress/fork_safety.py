@@ -22,7 +22,6 @@ is one a writer wrote under that key; every child exits 0 within
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import tempfile

@@ -30,7 +30,6 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import _common as C
 from _live import Browser, LiveGunicorn  # tests/_live.py: the shared live-gunicorn helper
