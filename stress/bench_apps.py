@@ -7,19 +7,19 @@ Every app is built by ``make(variant)`` (gunicorn: ``-c gunicorn_conf.py`` with
     read         the session layer on MmapStore; the session is only read
     counter      the session layer on MmapStore; a counter written every request
     diskcache    the same counter, the session layer on a diskcache.Cache
-    redis        the same counter, the session layer on a real redis-server
+    redis        the same counter, the session layer on the package's RedisStore
+                 and a real redis-server
 
 ``GET /init`` writes the session (so a cookie exists); ``GET /`` is the measured
-request.  The peer stores implement the session layer's SessionStore protocol
-the way their own documentation recommends for an atomic read-modify-write:
-diskcache ``Cache.transact()``, redis ``WATCH``/``MULTI``.
+request.  diskcache gets a SessionStore adapter here, with the atomic
+read-modify-write its documentation recommends (``Cache.transact()``); Redis uses
+the package's own RedisStore (WATCH/MULTI).
 The store settings come from the environment: PREFORK_SESSIONS_PATH and
 PREFORK_SESSIONS_SIZE (as gunicorn_conf.py), BENCH_DISKCACHE_DIR, BENCH_REDIS_PORT.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 from werkzeug.wrappers import Request, Response
 
-from prefork_sessions import MmapStore, with_session
+from prefork_sessions import MmapStore, RedisStore, with_session
 
 HELLO = b"Hello, World!"
 
@@ -54,44 +54,6 @@ class DiskcacheStore:
             value = fn(self.cache.get(key))
             self.cache.set(key, value, expire=expire or None)
         return value
-
-
-class RedisStore:
-    """SessionStore on redis-py: JSON values (orjson), get_and_set by WATCH/MULTI."""
-
-    def __init__(self, port: int) -> None:
-        import redis
-
-        self.redis = redis.Redis(host="127.0.0.1", port=port)
-        self.watch_error = redis.WatchError
-
-    @staticmethod
-    def _ex(expire: float | None) -> int | None:
-        return math.ceil(expire) if expire else None
-
-    def get(self, key: str, default: Any = None) -> Any:
-        raw = self.redis.get(key)
-        return default if raw is None else orjson.loads(raw)
-
-    def set(self, key: str, value: Any, expire: float | None = None) -> None:
-        self.redis.set(key, orjson.dumps(value), ex=self._ex(expire))
-
-    def delete(self, key: str) -> bool:
-        return bool(self.redis.delete(key))
-
-    def get_and_set(self, key: str, fn: Callable[[Any], Any], expire: float | None = None) -> Any:
-        with self.redis.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(key)
-                    raw = pipe.get(key)
-                    value = fn(None if raw is None else orjson.loads(raw))
-                    pipe.multi()
-                    pipe.set(key, orjson.dumps(value), ex=self._ex(expire))
-                    pipe.execute()
-                    return value
-                except self.watch_error:
-                    continue
 
 
 def _mmap_store() -> MmapStore:
@@ -129,7 +91,8 @@ def make(variant: str) -> Any:
     if variant == "diskcache":
         return session_app(DiskcacheStore(os.environ["BENCH_DISKCACHE_DIR"]), write=True)
     if variant == "redis":
-        return session_app(RedisStore(int(os.environ["BENCH_REDIS_PORT"])), write=True)
+        url = f"redis://127.0.0.1:{int(os.environ['BENCH_REDIS_PORT'])}/0"
+        return session_app(RedisStore(url), write=True)
     raise ValueError(f"unknown variant {variant!r}")
 
 
