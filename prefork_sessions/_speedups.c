@@ -189,6 +189,23 @@ static int holds(Pager *self, Py_ssize_t po, const char *k, Py_ssize_t klen, uin
     return -1;
 }
 
+static PyObject *Pager_holds(Pager *self, PyObject *const *args, Py_ssize_t nargs) {
+    const char *k; Py_ssize_t klen;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "holds(page_offset, key, hash, first_slot)");
+        return NULL;
+    }
+    if (check_open(self) < 0 || get_key(args[1], &k, &klen) < 0) return NULL;
+    Py_ssize_t po = PyLong_AsSsize_t(args[0]), s0 = PyLong_AsSsize_t(args[3]);
+    uint32_t h = (uint32_t)PyLong_AsUnsignedLong(args[2]);
+    if (PyErr_Occurred()) return NULL;
+    if (po < HEADER_SIZE || po + self->page_size > self->view.len || s0 < 0 || s0 >= self->nslots) {
+        PyErr_SetString(PyExc_ValueError, "page offset or slot out of range");
+        return NULL;
+    }
+    return PyLong_FromLong(holds(self, po, k, klen, h, s0));
+}
+
 /* locate(key) -> (hash, p1, p2, first_slot, page holding it: -1 none, -2 unknown,
  * roomier page).  Lock-free and seqlock-validated; see _pager.Pager.locate. */
 static PyObject *Pager_locate(Pager *self, PyObject *key) {
@@ -497,6 +514,8 @@ static void Pager_dealloc(Pager *self) {
 static PyMethodDef Pager_methods[] = {
     {"where", (PyCFunction)Pager_where, METH_O, "where(key) -> (hash, p1, p2, first_slot)"},
     {"find", (PyCFunction)(void (*)(void))Pager_find, METH_FASTCALL, "find(po, key, hash, s0) -> (so, eo, free)"},
+    {"holds", (PyCFunction)(void (*)(void))Pager_holds, METH_FASTCALL,
+     "holds(po, key, hash, s0) -> 1 | 0 | -1 (too busy to tell)"},
     {"locate", (PyCFunction)Pager_locate, METH_O, "locate(key) -> (hash, p1, p2, s0, page | -1 none | -2 unknown, roomier page)"},
     {"read", (PyCFunction)Pager_read, METH_O, "read(key) -> value bytes | None (absent or expired) | False (contended)"},
     {"lock", (PyCFunction)(void (*)(void))Pager_lock, METH_FASTCALL,

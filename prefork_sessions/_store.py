@@ -440,38 +440,45 @@ class MmapStore:
         """
         if self._mm is None:
             self._revive()
-        pager = self._pager
+        pager, ps = self._pager, self.page_size
         backoff = False
         while True:
             if backoff:  # p2 stayed busy and p1 is released: let its holder finish
                 time.sleep(50e-6)
             h, p1, p2, s0, page, roomier = pager.locate(kb)
+            po1, po2 = L.HEADER_SIZE + ps * (p1 + 1), L.HEADER_SIZE + ps * (p2 + 1)
             if page == p2 != p1:  # lives in its second page: update it there
                 self._lock(p2)
                 try:
-                    if self._write_locked(p2, kb, flags, h, s0, exp_at, vb, update, True):
+                    so, eo, _ = pager.find(po2, kb, h, s0)
+                    if eo:
+                        self._put(p2, po2, so, eo, kb, flags, h, s0, exp_at, vb, update)
                         return
                 finally:
                     pager.unlock(p2)
                 continue  # deleted meanwhile: start over
             self._lock(p1)
             try:
-                if self._write_locked(p1, kb, flags, h, s0, exp_at, vb, update, True):
+                so, eo, free = pager.find(po1, kb, h, s0)
+                if eo or p1 == p2:
+                    self._put(p1, po1, so if eo else free, eo, kb, flags, h, s0, exp_at, vb, update)
                     return
-                # Not in p1; with p1 held nobody can insert it into p2, so what
-                # locate says of p2 now is final (-2: p2 was too busy to tell).
-                page, roomier = pager.locate(kb)[4:]
-                if page == p2:
+                # Not in p1; with p1 held nobody can insert it into p2, so what we
+                # see of p2 now is final (-1: p2 was too busy to tell).
+                in2 = pager.holds(po2, kb, h, s0)
+                if in2 > 0:
                     continue
-                second = (page == -2 or roomier == p2) and self._lock_second(p1, p2)
-                backoff = page == -2 and not second
+                second = (in2 < 0 or roomier == p2) and self._lock_second(p1, p2)
+                backoff = in2 < 0 and not second
                 if backoff:
                     continue
                 try:
-                    if page == -2 and self._write_locked(p2, kb, flags, h, s0, exp_at, vb, update, True):
-                        return
-                    target = p2 if second and roomier == p2 else p1
-                    self._write_locked(target, kb, flags, h, s0, exp_at, vb, update, False)
+                    if second:
+                        so2, eo2, free2 = pager.find(po2, kb, h, s0)
+                        if eo2 or roomier == p2:
+                            self._put(p2, po2, so2 if eo2 else free2, eo2, kb, flags, h, s0, exp_at, vb, update)
+                            return
+                    self._put(p1, po1, free, 0, kb, flags, h, s0, exp_at, vb, update)
                     return
                 finally:
                     if second:
@@ -495,20 +502,14 @@ class MmapStore:
                 raise
         return True
 
-    def _write_locked(
-        self, page: int, kb: bytes, flags: int, h: int, s0: int, exp_at: float, vb: bytes,
-        update: Callable[[bytes | None], bytes] | None, need_found: bool,
-    ) -> bool:
-        """With the page locked: write the key's new entry there.  False (nothing done)
-        if ``need_found`` and the key is not in this page."""
+    def _put(
+        self, page: int, po: int, so: int, eo: int, kb: bytes, flags: int, h: int, s0: int,
+        exp_at: float, vb: bytes, update: Callable[[bytes | None], bytes] | None,
+    ) -> None:
+        """With the page locked, write the key's new entry there: ``eo`` is its
+        current entry (0: none) and ``so`` the slot to use (its own, or a free one)."""
         pager, mm = self._pager, self._mm
         assert mm is not None
-        po = L.HEADER_SIZE + self.page_size * (page + 1)
-        so, eo, free = pager.find(po, kb, h, s0)
-        if not eo:
-            if need_found:
-                return False
-            so = free
         if update is not None:
             old = None
             if eo:
@@ -517,7 +518,7 @@ class MmapStore:
                     old = mm[eo + 24 + oklen:eo + 24 + oklen + ovlen]
             vb = update(old)  # user code (get_and_set): the page is locked but unchanged
         if pager.append(po, so, eo, kb, flags, h, vb, exp_at, True):
-            return True
+            return
         pager.bump(po)
         try:
             self._make_room(mm, page, po, L.entry_span(len(kb), len(vb)), eo, new_slot=not eo)
@@ -526,7 +527,6 @@ class MmapStore:
                 raise AssertionError("no room in a page after making room")
         finally:
             pager.bump(po)
-        return True
 
     def _span_at(self, mm: mmap.mmap, eo: int) -> int:
         _, _, vlen, klen, _, _, _ = _entry_at(mm, eo)
