@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from werkzeug.http import dump_cookie
+from werkzeug.sansio.http import parse_cookie
 
 from ._errors import SerializationError, SessionStoreError
 
@@ -110,6 +111,51 @@ def new_session_id() -> str:
 def is_valid_session_id(value: object) -> bool:
     """True if ``value`` has exactly the shape :func:`new_session_id` produces."""
     return isinstance(value, str) and _SESSION_ID_RE.fullmatch(value) is not None
+
+
+def cookie_values(header: str | None, name: str) -> list[str]:
+    """The values of the cookies called ``name`` in a ``Cookie`` header, in order.
+
+    The same result as werkzeug's ``parse_cookie(header).getlist(name)``,
+    without building the whole mapping on every request.
+    """
+    if not header or name not in header:
+        return []  # a parsed name is a substring of the header: none can match
+    if '"' in header or "\n" in header:
+        # Quoted values, and the line break werkzeug's pattern stops at: its parser.
+        return parse_cookie(header).getlist(name)
+    # Otherwise werkzeug's pattern splits at ";" and the first "=" and strips both sides.
+    out = []
+    for part in header.split(";"):
+        key, _, value = part.partition("=")
+        if key.strip() == name:
+            out.append(value.strip())
+    return out
+
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_VARY_COOKIE = ("Vary", "Cookie")
+_SESSION_ID_LENGTH = 43  # characters of new_session_id()
+_COOKIE_MAX_SIZE = 4093  # dump_cookie's default max_size: it warns above this
+_EPOCH_EXPIRES = "Expires=Thu, 01 Jan 1970 00:00:00 GMT"
+# (second, its HTTP date): every response in the same second sends the same Expires.
+_http_date_cache: tuple[int, str] = (0, "Thu, 01 Jan 1970 00:00:00 GMT")
+
+
+def _http_date(seconds: int) -> str:
+    """``seconds`` (epoch, UTC) as an HTTP date, the string werkzeug's http_date gives."""
+    global _http_date_cache
+    cached = _http_date_cache
+    if cached[0] == seconds:
+        return cached[1]
+    t = time.gmtime(seconds)
+    text = (
+        f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year:04d} "
+        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT"
+    )
+    _http_date_cache = (seconds, text)  # one tuple, swapped whole: safe across threads
+    return text
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -202,24 +248,27 @@ class Session(MutableMapping[str, Any]):
     sent (not for 5xx responses or escaped exceptions).
     """
 
+    # Class-level defaults for what most requests never change: a Session costs
+    # three attribute writes until it is used, and its containers come with _load.
+    _sid = ""
+    _new = True
+    _expires = 0.0
+    _force = False
+    _rotated = False
+    _invalidated = False
+    _base: dict[str, Any]  # the data as loaded; values shared until replaced
+    _data: dict[str, Any]
+    _snapshots: dict[str, Any]  # pristine copies of mutable values handed out
+    _set_keys: set[str]
+    _flashes: list[Any]  # as loaded: [category, message] pairs
+    _consumed: set[int]  # indexes into _flashes read by this request
+    _new_flashes: list[list[Any]]
+    _dead_ids: list[str]  # stored ids to delete once the save succeeded
+
     def __init__(self, manager: SessionManager, candidates: Sequence[str]) -> None:
         self._manager = manager
         self._candidates = candidates
         self._loaded = False
-        self._sid = ""
-        self._new = True
-        self._expires = 0.0
-        self._base: dict[str, Any] = {}  # the data as loaded; values shared until replaced
-        self._data: dict[str, Any] = {}
-        self._snapshots: dict[str, Any] = {}  # pristine copies of mutable values handed out
-        self._set_keys: set[str] = set()
-        self._force = False
-        self._flashes: list[Any] = []  # as loaded: [category, message] pairs
-        self._consumed: set[int] = set()  # indexes into _flashes read by this request
-        self._new_flashes: list[list[Any]] = []
-        self._dead_ids: list[str] = []  # stored ids to delete once the save succeeded
-        self._rotated = False
-        self._invalidated = False
 
     # -- loading --------------------------------------------------------------
 
@@ -227,6 +276,8 @@ class Session(MutableMapping[str, Any]):
         if self._loaded:
             return
         self._loaded = True
+        self._snapshots, self._set_keys, self._consumed = {}, set(), set()
+        self._new_flashes, self._dead_ids = [], []
         now = _clock()
         for sid in self._candidates[:_MAX_COOKIE_CANDIDATES]:
             if not is_valid_session_id(sid):
@@ -238,6 +289,7 @@ class Session(MutableMapping[str, Any]):
                 self._data = dict(self._base)
                 return
         self._sid = new_session_id()
+        self._base, self._data, self._flashes = {}, {}, []
 
     # -- public attributes ----------------------------------------------------
 
@@ -294,6 +346,13 @@ class Session(MutableMapping[str, Any]):
             self._snapshots[key] = copy.deepcopy(value)
         return value
 
+    def get(self, key: str, default: Any = None) -> Any:
+        """``self[key]`` if the key exists, else ``default`` (no KeyError raised and caught)."""
+        self._load()
+        if key not in self._data:
+            return default
+        return self[key]
+
     def __setitem__(self, key: str, value: Any) -> None:
         if not isinstance(key, str):
             raise TypeError(f"session keys must be str, not {type(key).__name__}")
@@ -319,13 +378,17 @@ class Session(MutableMapping[str, Any]):
         return key in self._data
 
     def __repr__(self) -> str:
-        state = "unloaded" if not self._loaded else ("new" if self._new else "stored")
+        if not self._loaded:
+            return "<Session unloaded keys=[]>"
+        state = "new" if self._new else "stored"
         return f"<Session {state} keys={sorted(self._data)!r}>"
 
     # -- change tracking --------------------------------------------------------
 
     def changed_keys(self) -> list[str]:
         """Keys whose value this request set or changed in place (and that still exist)."""
+        if not self._loaded:
+            return []
         if self._force:
             return list(self._data)
         out = []
@@ -339,6 +402,8 @@ class Session(MutableMapping[str, Any]):
 
     def deleted_keys(self) -> list[str]:
         """Keys that were stored when the session was loaded and are gone now."""
+        if not self._loaded:
+            return []
         return [key for key in self._base if key not in self._data]
 
     # -- lifecycle --------------------------------------------------------------
@@ -428,6 +493,38 @@ class SessionManager:
     def __init__(self, store: SessionStore, options: SessionOptions) -> None:
         self.store = store
         self.options = options
+        self._prefix = options.key_prefix
+        self._lifetime = options.lifetime
+        self._threshold = options.threshold
+        self._max_age = math.ceil(options.lifetime)
+        self._cookie_attributes: dict[str, Any] = {
+            "path": options.path,
+            "domain": options.domain,
+            "secure": options.secure,
+            "httponly": options.httponly,
+            "samesite": options.samesite,
+        }
+        # dump_cookie costs tens of microseconds a call: build werkzeug's header once
+        # for these options and cut it around the value and the Expires date, so a
+        # response only fills in the id (which never needs quoting) and the date.
+        sample = dump_cookie(
+            options.cookie_name,
+            "",
+            max_age=self._max_age,
+            expires=0,
+            max_size=0,  # no size warning for the sample; see below
+            **self._cookie_attributes,
+        )
+        head = options.cookie_name.encode().decode("latin1") + "="
+        before, found, after = sample[len(head) :].partition(_EPOCH_EXPIRES)
+        self._cookie_template: tuple[str, str, str] | None = None
+        if (
+            sample.startswith(head)
+            and found
+            and len(sample) + _SESSION_ID_LENGTH <= _COOKIE_MAX_SIZE
+        ):
+            self._cookie_template = (head, before + "Expires=", after)
+        # else dump_cookie on every response, so its too-large warning is still given
 
     def open(self, cookie_values: Sequence[str]) -> Session:
         """Return the (lazily loaded) session for the request's cookie values."""
@@ -436,7 +533,7 @@ class SessionManager:
     def fetch(self, sid: str) -> Any:
         """Return the stored value for ``sid``, or None (also for undecodable values)."""
         try:
-            return self.store.get(self.options.key_prefix + sid)
+            return self.store.get(self._prefix + sid)
         except SerializationError as e:
             reason = str(e).replace(sid, "<id>")  # never log a session id
             log.warning("stored session could not be read (%s); starting a new session", reason)
@@ -449,11 +546,10 @@ class SessionManager:
         failed: the error was logged, nothing was written, and the caller must
         answer 500.  A 5xx ``status`` saves nothing.
         """
-        if not session.accessed:
+        if not session._loaded:
             return []
-        headers = [("Vary", "Cookie")]
         if status >= 500:
-            return headers
+            return [_VARY_COOKIE]
         try:
             cookie = self._save(session)
         except SessionStoreError as e:
@@ -470,30 +566,37 @@ class SessionManager:
                 sorted(session.changed_keys()),
             )
             return None
-        if cookie is not None:
-            headers.append(("Set-Cookie", cookie))
-        return headers
+        if cookie is None:
+            return [_VARY_COOKIE]
+        return [_VARY_COOKIE, ("Set-Cookie", cookie)]
 
     # -- internals ----------------------------------------------------------------
 
     def _save(self, s: Session) -> str | None:
-        """Write what changed; return the Set-Cookie value to send, if any."""
-        opts, store = self.options, self.store
+        """Write what changed; return the Set-Cookie value to send, if any.
+
+        The cookie goes out exactly when the stored expiry was set (a new,
+        rotated or changed session, or a sliding refresh), so its Max-Age and
+        Expires always match the server's; and when an invalidation expires it.
+        """
+        store, prefix, lifetime = self.store, self._prefix, self._lifetime
         now = _clock()
-        expires = now + opts.lifetime
+        expires = now + lifetime
         if s._new or s._rotated:
             flashes = s._remaining_flashes()
             if s._new and not s._data and not flashes:
                 for sid in s._dead_ids:
-                    store.delete(opts.key_prefix + sid)
+                    store.delete(prefix + sid)
                 return self._expired_cookie() if s._invalidated else None
             value = {_DATA: s._data, _EXPIRES: expires, _FLASHES: flashes}
-            store.set(opts.key_prefix + s._sid, value, expire=opts.lifetime)
+            store.set(prefix + s._sid, value, expire=lifetime)
             for sid in s._dead_ids:
-                store.delete(opts.key_prefix + sid)
+                store.delete(prefix + sid)
             return self._cookie(s._sid, expires)
-        if s.modified:
-            changed, deleted = s.changed_keys(), s.deleted_keys()
+        # Neither new, rotated nor invalidated (that makes it new): this is `modified`.
+        changed, deleted = s.changed_keys(), s.deleted_keys()
+        if changed or deleted or s._force or s._new_flashes or s._consumed:
+            mine = s._data
 
             def merge(current: Any) -> Any:
                 parsed = _parse_stored(current, now)
@@ -501,12 +604,12 @@ class SessionManager:
                     raise _Vanished
                 data, _, stored_flashes = parsed
                 for key in changed:
-                    data[key] = s._data[key]
+                    data[key] = mine[key]
                 for key in deleted:
                     data.pop(key, None)
                 return {_DATA: data, _EXPIRES: expires, _FLASHES: s._merge_flashes(stored_flashes)}
 
-        elif s._expires - now < opts.threshold:
+        elif s._expires - now < self._threshold:
 
             def merge(current: Any) -> Any:
                 if _parse_stored(current, now) is None:
@@ -517,36 +620,25 @@ class SessionManager:
         else:
             return None
         try:
-            store.get_and_set(opts.key_prefix + s._sid, merge, expire=opts.lifetime)
+            store.get_and_set(prefix + s._sid, merge, expire=lifetime)
         except _Vanished:
             log.info("session ended by another request before this one saved; changes dropped")
             return None
         return self._cookie(s._sid, expires)
 
     def _cookie(self, sid: str, expires: float) -> str:
-        o = self.options
+        template = self._cookie_template
+        if template is not None:
+            return f"{template[0]}{sid}{template[1]}{_http_date(int(expires))}{template[2]}"
         return dump_cookie(
-            o.cookie_name,
+            self.options.cookie_name,
             sid,
-            max_age=math.ceil(o.lifetime),
+            max_age=self._max_age,
             expires=int(expires),
-            path=o.path,
-            domain=o.domain,
-            secure=o.secure,
-            httponly=o.httponly,
-            samesite=o.samesite,
+            **self._cookie_attributes,
         )
 
     def _expired_cookie(self) -> str:
-        o = self.options
         return dump_cookie(
-            o.cookie_name,
-            "",
-            max_age=0,
-            expires=0,
-            path=o.path,
-            domain=o.domain,
-            secure=o.secure,
-            httponly=o.httponly,
-            samesite=o.samesite,
+            self.options.cookie_name, "", max_age=0, expires=0, **self._cookie_attributes
         )

@@ -15,10 +15,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from werkzeug.exceptions import HTTPException, InternalServerError
-from werkzeug.http import parse_cookie
 from werkzeug.wrappers import Request, Response
 
-from ._session import Session, SessionManager, SessionOptions, SessionStore
+from ._session import Session, SessionManager, SessionOptions, SessionStore, cookie_values
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -49,13 +48,16 @@ def with_session(
     attribute is ``store``, so a gunicorn ``post_fork`` hook can reopen it.
     """
     manager = SessionManager(store, SessionOptions(**options))
+    cookie_name = manager.options.cookie_name
 
     def decorator(f: Callable[..., Response]) -> WSGIApplication:
         @functools.wraps(f)
         def application(*args: Any) -> Iterable[bytes]:
-            environ, start_response = args[-2], args[-1]
+            environ: WSGIEnvironment = args[-2]
+            start_response: StartResponse = args[-1]
             request = SessionRequest(environ)
-            session = manager.open(request.cookies.getlist(manager.options.cookie_name))
+            # The Cookie header as werkzeug's request.cookies reads it, without its MultiDict.
+            session = manager.open(cookie_values(environ.get("HTTP_COOKIE"), cookie_name))
             request.session = session
             with request:
                 try:
@@ -64,11 +66,19 @@ def with_session(
                     response = e.get_response(environ)
                 if not isinstance(response, Response):
                     response = Response.force_type(response, environ)
-                headers = manager.finish(session, response.status_code)
-                if headers is None:
+                extra = manager.finish(session, response.status_code)
+                if extra is None:
                     response = InternalServerError().get_response(environ)
-                else:
-                    _extend_headers(response.headers, headers)
+                elif extra:
+                    # Added to the final header list, not to response.headers: werkzeug's
+                    # Headers cost several microseconds a call (and raise and catch a
+                    # KeyError for every absent header looked up).
+                    def start_with_session(
+                        status: str, headers: list[tuple[str, str]], *exc_info: Any
+                    ) -> Callable[[bytes], object]:
+                        return start_response(status, _with_headers(headers, extra), *exc_info)
+
+                    return response(environ, start_with_session)
                 return response(environ, start_response)
 
         application.session_store = store  # type: ignore[attr-defined]
@@ -92,8 +102,10 @@ class SessionMiddleware:
         self.manager = SessionManager(store, SessionOptions(**options))
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        cookies = parse_cookie(environ)
-        session = self.manager.open(cookies.getlist(self.manager.options.cookie_name))
+        header = environ.get("HTTP_COOKIE")
+        if header and not header.isascii():
+            header = header.encode("latin1").decode()  # what werkzeug.http.parse_cookie does
+        session = self.manager.open(cookie_values(header, self.manager.options.cookie_name))
         environ[ENVIRON_KEY] = session
         call = _Call(self.manager, session, start_response)
         app_iter = self.app(environ, call.start_response)  # an exception here saves nothing
@@ -128,9 +140,7 @@ class _Call:
             self.failed = True
             self.outer("500 INTERNAL SERVER ERROR", self._error_headers())
             return lambda data: None  # the app's own body is dropped
-        headers = list(headers)
-        _extend_headers(_HeaderList(headers), extra)
-        return self.outer(status, headers)
+        return self.outer(status, _with_headers(headers, extra))
 
     def _error_headers(self) -> list[tuple[str, str]]:
         body = self.error_body()[0]
@@ -170,36 +180,31 @@ def _close(app_iter: Iterable[bytes]) -> None:
         close()
 
 
-class _HeaderList:
-    """Just enough of werkzeug's Headers API over a WSGI header list."""
-
-    def __init__(self, items: list[tuple[str, str]]) -> None:
-        self.items = items
-
-    def get(self, name: str) -> str | None:
-        for key, value in self.items:
-            if key.lower() == name.lower():
-                return value
-        return None
-
-    def set(self, name: str, value: str) -> None:
-        self.items[:] = [(k, v) for k, v in self.items if k.lower() != name.lower()]
-        self.items.append((name, value))
-
-    def add(self, name: str, value: str) -> None:
-        self.items.append((name, value))
-
-
-def _extend_headers(headers: Any, extra: list[tuple[str, str]]) -> None:
-    """Add ``extra`` to ``headers``, merging Vary into an existing Vary header."""
+def _with_headers(
+    headers: list[tuple[str, str]], extra: list[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """A copy of ``headers`` with ``extra`` added, Vary merged into an existing Vary
+    header the way werkzeug's ``Headers.set`` would (the first one replaced, the
+    others removed)."""
+    out = list(headers)
     for name, value in extra:
-        if name == "Vary":
-            current = headers.get("Vary")
-            if not current:
-                headers.set("Vary", value)
-            elif current.strip() != "*" and value.lower() not in (
-                token.strip().lower() for token in current.split(",")
-            ):
-                headers.set("Vary", f"{current}, {value}")
+        if name != "Vary":
+            out.append((name, value))
+            continue
+        for index, (key, current) in enumerate(out):
+            if key.lower() == "vary":
+                break
         else:
-            headers.add(name, value)
+            out.append((name, value))
+            continue
+        if not current:
+            merged = value
+        elif current.strip() != "*" and value.lower() not in (
+            token.strip().lower() for token in current.split(",")
+        ):
+            merged = f"{current}, {value}"
+        else:
+            continue
+        out[index + 1 :] = [(k, v) for k, v in out[index + 1 :] if k.lower() != "vary"]
+        out[index] = (name, merged)
+    return out

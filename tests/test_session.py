@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 import sys
 import threading
@@ -14,12 +15,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from werkzeug.exceptions import Forbidden, InternalServerError
+from werkzeug.http import dump_cookie, http_date
+from werkzeug.sansio.http import parse_cookie
 from werkzeug.test import Client, EnvironBuilder
 from werkzeug.wrappers import Response
 
 from prefork_sessions import MmapStore, _session
 from prefork_sessions._session import (
+    SessionManager,
     SessionOptions,
+    cookie_values,
     is_valid_session_id,
     new_session_id,
 )
@@ -90,6 +95,63 @@ def test_new_ids_are_256_bit_urlsafe_and_valid() -> None:
     for sid in ids:
         assert re.fullmatch(r"[A-Za-z0-9_-]{43}", sid)
         assert is_valid_session_id(sid)
+
+
+_COOKIE_TEXT = st.text(st.sampled_from('ab=;" \\\t\n\r\x0b\x1c\x85\xa0é'), max_size=40)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    parts=st.lists(
+        st.one_of(st.just("session_id"), st.just(" session_id "), _COOKIE_TEXT), max_size=8
+    )
+)
+def test_cookie_values_match_werkzeugs_parser(parts: list[str]) -> None:
+    header = ";".join(parts) + "".join(parts)  # names and separators in odd places too
+    for name in ("session_id", "a", "b"):
+        assert cookie_values(header, name) == parse_cookie(header).getlist(name)
+
+
+@settings(max_examples=300, deadline=None)
+@given(seconds=st.integers(0, 2**33))
+def test_expires_dates_match_werkzeugs(seconds: int) -> None:
+    assert _session._http_date(seconds) == http_date(seconds)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"cookie_name": "sid", "secure": True, "samesite": "None", "domain": ".example.org"},
+        {"path": "/a b;c", "httponly": False, "samesite": None, "lifetime": 0.5},
+        {"domain": "bücher.example", "lifetime": 86400.25},
+    ],
+)
+def test_set_cookie_is_what_dump_cookie_gives(store: MmapStore, options: dict[str, Any]) -> None:
+    manager = SessionManager(store, SessionOptions(**options))
+    o = manager.options
+    attributes: dict[str, Any] = {
+        "path": o.path,
+        "domain": o.domain,
+        "secure": o.secure,
+        "httponly": o.httponly,
+        "samesite": o.samesite,
+    }
+    for expires in (1_800_000_000.9, 1_800_000_001.0, 2_000_000_000.5):
+        sid = new_session_id()
+        expected = dump_cookie(
+            o.cookie_name, sid, max_age=math.ceil(o.lifetime), expires=int(expires), **attributes
+        )
+        assert manager._cookie(sid, expires) == expected
+    assert manager._expired_cookie() == dump_cookie(
+        o.cookie_name, "", max_age=0, expires=0, **attributes
+    )
+
+
+def test_an_oversized_cookie_still_warns(store: MmapStore) -> None:
+    manager = SessionManager(store, SessionOptions(path="/" + "p" * 4100))
+    with pytest.warns(UserWarning, match="too large"):
+        manager._cookie(new_session_id(), 1_800_000_000.0)
 
 
 @pytest.mark.parametrize(
@@ -312,6 +374,41 @@ def test_sliding_expiry_writes_only_under_the_threshold(store: MmapStore, clock:
     clock.now = start + 60  # fresh again
     assert set_cookies(client.get("/")) == []
     assert stored(store, sid)["e"] == start + 151
+
+
+def test_every_write_resends_the_cookie_with_the_extended_expiry(
+    store: MmapStore, clock: Clock
+) -> None:
+    client = client_for(store, counter, lifetime=100)
+    client.get("/")
+    sid = sid_of(client)
+    for step in (1, 30, 10):  # well above the refresh threshold: the write extends anyway
+        clock.now += step
+        response = client.get("/")
+        [header] = set_cookies(response)
+        assert header.startswith(f"{COOKIE}={sid};") and "Max-Age=100" in header
+        cookie = client.get_cookie(COOKIE)
+        assert cookie is not None and cookie.expires is not None
+        assert stored(store, sid)["e"] == clock.now + 100
+        assert int(cookie.expires.timestamp()) == int(clock.now + 100)
+
+
+def test_vary_merge_keeps_one_vary_header(store: MmapStore) -> None:
+    def handler(request: SessionRequest) -> Response:
+        request.session.get("x")
+        response = Response("ok")
+        response.headers.add("vary", "Accept")
+        response.headers.add("Vary", "Origin")
+        return response
+
+    response = client_for(store, handler).get("/")
+    assert response.headers.getlist("Vary") == ["Accept, Cookie"]  # as Headers.set leaves it
+
+    def star(request: SessionRequest) -> Response:
+        request.session.get("x")
+        return Response("ok", headers={"Vary": "*"})
+
+    assert client_for(store, star).get("/").headers.getlist("Vary") == ["*"]
 
 
 def test_zero_threshold_means_fixed_lifetime(store: MmapStore, clock: Clock) -> None:
