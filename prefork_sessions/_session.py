@@ -42,8 +42,9 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Literal, Protocol
 
 from werkzeug.http import dump_cookie
@@ -214,6 +215,9 @@ class _Vanished(Exception):
 
 
 _MISSING: Any = object()
+_NO_SNAPSHOTS: Mapping[str, Any] = MappingProxyType({})
+_NO_KEYS: frozenset[str] = frozenset()
+_NOTHING: list[str] = []  # shared, never changed
 _MUTABLE = (dict, list, set, bytearray)
 
 
@@ -232,11 +236,11 @@ def _parse_stored(value: Any, now: float) -> tuple[dict[str, Any], float, list[A
     """Return (data, expires, flashes) of a stored value, or None if unusable or expired."""
     if not isinstance(value, dict):
         return None
-    data, expires, flashes = value.get(_DATA), value.get(_EXPIRES), value.get(_FLASHES, [])
+    data, expires, flashes = value.get(_DATA), value.get(_EXPIRES), value.get(_FLASHES)
     if not isinstance(data, dict) or not isinstance(expires, (int, float)) or expires <= now:
         return None
     if not isinstance(flashes, list):
-        flashes = []
+        flashes = []  # also when absent
     return data, float(expires), flashes
 
 
@@ -257,13 +261,14 @@ class Session(MutableMapping[str, Any]):
     _rotated = False
     _invalidated = False
     _base: dict[str, Any]  # the data as loaded; values shared until replaced
-    _data: dict[str, Any]
-    _snapshots: dict[str, Any]  # pristine copies of mutable values handed out
-    _set_keys: set[str]
+    _data: dict[str, Any]  # _base itself until the first change (__setitem__, __delitem__)
+    # Empty and immutable until first needed, then replaced, never changed in place:
+    _snapshots: dict[str, Any] | Mapping[str, Any] = _NO_SNAPSHOTS  # pristine copies of
+    _set_keys: set[str] | frozenset[str] = _NO_KEYS  # mutable values handed out; keys set
     _flashes: list[Any]  # as loaded: [category, message] pairs
-    _consumed: set[int]  # indexes into _flashes read by this request
-    _new_flashes: list[list[Any]]
-    _dead_ids: list[str]  # stored ids to delete once the save succeeded
+    _consumed: frozenset[int] = frozenset()  # indexes into _flashes read by this request
+    _new_flashes: tuple[list[Any], ...] = ()
+    _dead_ids: tuple[str, ...] = ()  # stored ids to delete once the save succeeded
 
     def __init__(self, manager: SessionManager, candidates: Sequence[str]) -> None:
         self._manager = manager
@@ -276,20 +281,19 @@ class Session(MutableMapping[str, Any]):
         if self._loaded:
             return
         self._loaded = True
-        self._snapshots, self._set_keys, self._consumed = {}, set(), set()
-        self._new_flashes, self._dead_ids = [], []
         now = _clock()
         for sid in self._candidates[:_MAX_COOKIE_CANDIDATES]:
-            if not is_valid_session_id(sid):
+            if not (isinstance(sid, str) and _SESSION_ID_RE.fullmatch(sid)):
                 continue
             parsed = _parse_stored(self._manager.fetch(sid), now)
             if parsed is not None:
                 self._sid, self._new = sid, False
-                self._base, self._expires, self._flashes = parsed
-                self._data = dict(self._base)
+                self._data, self._expires, self._flashes = parsed
+                self._base = self._data
                 return
         self._sid = new_session_id()
-        self._base, self._data, self._flashes = {}, {}, []
+        self._base = self._data = {}
+        self._flashes = []
 
     # -- public attributes ----------------------------------------------------
 
@@ -338,32 +342,58 @@ class Session(MutableMapping[str, Any]):
 
     # -- the mapping ----------------------------------------------------------
 
+    # The hot methods test _loaded themselves: a call to _load costs more than its work.
+
     def __getitem__(self, key: str) -> Any:
-        self._load()
+        if not self._loaded:
+            self._load()
         value = self._data[key]
-        if isinstance(value, _MUTABLE) and key not in self._snapshots and key not in self._set_keys:
-            # Handed out and may be changed in place: keep a pristine copy to compare at save.
-            self._snapshots[key] = copy.deepcopy(value)
+        if isinstance(value, _MUTABLE):
+            self._handed_out(key, value)
         return value
 
     def get(self, key: str, default: Any = None) -> Any:
         """``self[key]`` if the key exists, else ``default`` (no KeyError raised and caught)."""
-        self._load()
-        if key not in self._data:
+        if not self._loaded:
+            self._load()
+        data = self._data
+        if key not in data:
             return default
-        return self[key]
+        value = data[key]
+        if isinstance(value, _MUTABLE):
+            self._handed_out(key, value)
+        return value
+
+    def _handed_out(self, key: str, value: Any) -> None:
+        snapshots = self._snapshots
+        if key not in snapshots and key not in self._set_keys:
+            # Handed out and may be changed in place: keep a pristine copy to compare at save.
+            if not isinstance(snapshots, dict):
+                snapshots = self._snapshots = {}
+            snapshots[key] = copy.deepcopy(value)
+
+    def _own_data(self) -> dict[str, Any]:
+        """_data, copied from _base before its first change (a read never copies)."""
+        if self._data is self._base:
+            self._data = dict(self._base)
+        return self._data
 
     def __setitem__(self, key: str, value: Any) -> None:
         if not isinstance(key, str):
             raise TypeError(f"session keys must be str, not {type(key).__name__}")
-        self._load()
-        self._data[key] = value
-        self._set_keys.add(key)
+        if not self._loaded:
+            self._load()
+        self._own_data()[key] = value
+        keys = self._set_keys
+        if not isinstance(keys, set):
+            keys = self._set_keys = set()
+        keys.add(key)
 
     def __delitem__(self, key: str) -> None:
         self._load()
-        del self._data[key]
-        self._set_keys.discard(key)
+        del self._own_data()[key]
+        if key in self._set_keys:
+            self._set_keys = self._set_keys - {key}
 
     def __iter__(self) -> Iterator[str]:
         self._load()
@@ -374,7 +404,8 @@ class Session(MutableMapping[str, Any]):
         return len(self._data)
 
     def __contains__(self, key: object) -> bool:
-        self._load()
+        if not self._loaded:
+            self._load()
         return key in self._data
 
     def __repr__(self) -> str:
@@ -391,12 +422,13 @@ class Session(MutableMapping[str, Any]):
             return []
         if self._force:
             return list(self._data)
+        data, base, snapshots = self._data, self._base, self._snapshots
         out = []
-        for key in self._set_keys | self._snapshots.keys():
-            if key not in self._data:
+        for key in self._set_keys | snapshots.keys() if snapshots else self._set_keys:
+            if key not in data:
                 continue
-            pristine = self._snapshots.get(key, self._base.get(key, _MISSING))
-            if pristine is _MISSING or not _same(self._data[key], pristine):
+            pristine = snapshots.get(key, base.get(key, _MISSING))
+            if pristine is _MISSING or not _same(data[key], pristine):
                 out.append(key)
         return out
 
@@ -415,7 +447,7 @@ class Session(MutableMapping[str, Any]):
         """
         self._load()
         if not self._new:
-            self._dead_ids.append(self._sid)
+            self._dead_ids = (*self._dead_ids, self._sid)
         self._sid = new_session_id()
         self._rotated = True
 
@@ -428,21 +460,21 @@ class Session(MutableMapping[str, Any]):
         """
         self._load()
         if not self._new:
-            self._dead_ids.append(self._sid)
+            self._dead_ids = (*self._dead_ids, self._sid)
         self._sid = new_session_id()
         self._new = True
         self._invalidated = True
-        self._base, self._data, self._snapshots = {}, {}, {}
-        self._set_keys.clear()
+        self._base = self._data = {}
+        self._snapshots, self._set_keys = _NO_SNAPSHOTS, _NO_KEYS
         self._force = False
-        self._flashes, self._consumed, self._new_flashes = [], set(), []
+        self._flashes, self._consumed, self._new_flashes = [], frozenset(), ()
 
     # -- flash messages ---------------------------------------------------------
 
     def flash(self, message: Any, category: str = "message") -> None:
         """Queue ``message`` (serialisable, usually str) to show on a later request."""
         self._load()
-        self._new_flashes.append([category, message])
+        self._new_flashes = (*self._new_flashes, [category, message])
 
     def get_flashed_messages(
         self, *, with_categories: bool = False, category_filter: Iterable[str] = ()
@@ -455,33 +487,37 @@ class Session(MutableMapping[str, Any]):
         self._load()
         wanted = set(category_filter)
         out: list[Flash] = []
+        consumed = set(self._consumed)
         for index, item in enumerate(self._flashes):
-            if index in self._consumed or not (isinstance(item, list) and len(item) == 2):
+            if index in consumed or not (isinstance(item, list) and len(item) == 2):
                 continue
             if not wanted or item[0] in wanted:
-                self._consumed.add(index)
+                consumed.add(index)
                 out.append((item[0], item[1]))
+        self._consumed = frozenset(consumed)
         kept = []
         for item in self._new_flashes:
             if not wanted or item[0] in wanted:
                 out.append((item[0], item[1]))
             else:
                 kept.append(item)
-        self._new_flashes = kept
+        self._new_flashes = tuple(kept)
         return list(out) if with_categories else [message for _, message in out]
 
     def _remaining_flashes(self) -> list[Any]:
         kept = [f for i, f in enumerate(self._flashes) if i not in self._consumed]
-        return kept + self._new_flashes
+        return kept + list(self._new_flashes)
 
     def _merge_flashes(self, stored: list[Any]) -> list[Any]:
+        if not self._consumed and not self._new_flashes:
+            return stored
         out = list(stored)
         for index in sorted(self._consumed):
             try:
                 out.remove(self._flashes[index])
             except ValueError:
                 pass  # a concurrent request consumed it already
-        return out + self._new_flashes
+        return out + list(self._new_flashes)
 
 
 class SessionManager:
@@ -594,7 +630,12 @@ class SessionManager:
                 store.delete(prefix + sid)
             return self._cookie(s._sid, expires)
         # Neither new, rotated nor invalidated (that makes it new): this is `modified`.
-        changed, deleted = s.changed_keys(), s.deleted_keys()
+        # Keys only enter _data through __setitem__, which records them in _set_keys:
+        # with none recorded, handed out or forced, and no key fewer, nothing changed.
+        if s._set_keys or s._snapshots or s._force or len(s._data) != len(s._base):
+            changed, deleted = s.changed_keys(), s.deleted_keys()
+        else:
+            changed = deleted = _NOTHING
         if changed or deleted or s._force or s._new_flashes or s._consumed:
             mine = s._data
 

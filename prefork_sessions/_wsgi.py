@@ -192,7 +192,7 @@ def _with_headers(
             out.append((name, value))
             continue
         for index, (key, current) in enumerate(out):
-            if key.lower() == "vary":
+            if len(key) == 4 and key.lower() == "vary":
                 break
         else:
             out.append((name, value))
