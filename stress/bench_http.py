@@ -12,7 +12,10 @@ where wrk is missing or with --loader python, a bounded Python load generator.
 Variants are measured in turn, --rounds times, interleaved, so each round's
 ratio to hello-world compares runs a few seconds apart; the table gives the
 median requests/s and the median of the per-round ratios (robust to other load
-on the machine coming and going).
+on the machine coming and going).  It also gives the CPU time the workers spent
+per request (from /proc, user + system) and hello-world's CPU per request
+divided by it: the throughput ratio the variants would have if the workers had
+the CPUs to themselves, which other load on the machine barely moves.
 
 Prints requests/s and the ratio to hello-world with the targets
 (written-every-request >= 0.85x, read-only >= 0.95x) and PASS/FAIL marks, and
@@ -63,6 +66,25 @@ request = function()
   return wrk.format("GET", "/", {["Cookie"] = "%s=" .. cookies[(i %% #cookies) + 1]})
 end
 """
+
+
+def workers_cpu(master: int) -> float:
+    """CPU seconds (user + system) used so far by the master's worker processes."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    try:
+        with open(f"/proc/{master}/task/{master}/children") as f:
+            pids = f.read().split()
+    except OSError:
+        return 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
 
 
 def cookies_for(port: int, n: int) -> list[str]:
@@ -198,7 +220,8 @@ def run(ns: argparse.Namespace, tmp: Path, servers: list[LiveGunicorn]) -> int:
         f"{'sync' if ns.threads == 1 else 'gthread'} workers, {ns.loader} "
         f"({ns.connections} connections, {ns.sessions} sessions), median of {ns.rounds} rounds x "
         f"{ns.seconds:g} s",
-        ["variant", "requests/s", "x hello", "target", "mark", "requests", "non-2xx", "socket errors"],
+        ["variant", "requests/s", "x hello", "target", "mark", "worker CPU us/req",
+         "x hello by CPU", "requests", "non-2xx", "socket errors"],
     )
     with contextlib.ExitStack() as stack:
         env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(C.HERE), str(C.REPO),
@@ -226,20 +249,27 @@ def run(ns: argparse.Namespace, tmp: Path, servers: list[LiveGunicorn]) -> int:
                         else run_python(server.port, cookies, ns, s))
                 if ns.warmup > 0:
                     load(ns.warmup)
-                results[v].append(load(ns.seconds))
+                assert server.proc is not None
+                cpu0 = workers_cpu(server.proc.pid)
+                r = load(ns.seconds)
+                r["cpu_us"] = (workers_cpu(server.proc.pid) - cpu0) / max(r["requests"], 1) * 1e6
+                results[v].append(r)
         profile = profile_worker(ns, tmp, env) if ns.profile else ""
         inproc = (inprocess_costs([v for v in ns.only if v in ("hello", "read", "counter")], env,
                                   tmp, ns.inprocess) if ns.inprocess else "")
 
     hellos = [r["rate"] for r in results["hello"]]
+    hello_cpu = statistics.median(r["cpu_us"] for r in results["hello"])
     for v in ns.only:
         rate = statistics.median(r["rate"] for r in results[v])
         ratio = statistics.median(r["rate"] / h if h else 0.0 for r, h in zip(results[v], hellos))
         target = TARGETS.get(v)
         mark = "" if target is None else ("PASS" if ratio >= target else "FAIL")
         errs = sum(sum(x["errors"].values()) for x in results[v])
+        cpu = statistics.median(r["cpu_us"] for r in results[v])
         report.row(VARIANTS[v], round(rate), f"{ratio:.2f}x",
-                   f">= {target:.2f}x" if target else "", mark, sum(x["requests"] for x in results[v]),
+                   f">= {target:.2f}x" if target else "", mark, round(cpu),
+                   f"{hello_cpu / cpu:.2f}x" if cpu else "-", sum(x["requests"] for x in results[v]),
                    sum(x["non2xx"] for x in results[v]), errs)
         report.check(f"{v}: answered requests", all(x["requests"] > 0 for x in results[v]), "none")
         report.check(f"{v}: every answer 2xx", all(x["non2xx"] == 0 for x in results[v]),
