@@ -203,6 +203,9 @@ class SessionOptions:
             raise ValueError("samesite='None' requires secure=True; browsers reject it otherwise")
         if not self.path.startswith("/"):
             raise ValueError(f"path must start with '/', not {self.path!r}")
+        if self.domain is not None and ("\r" in self.domain or "\n" in self.domain):
+            # werkzeug's Headers refused such a Set-Cookie on every response; refuse it once.
+            raise ValueError(f"domain must not contain a line break: {self.domain!r}")
 
     @property
     def threshold(self) -> float:

@@ -248,6 +248,7 @@ def test_cookie_options(store: MmapStore) -> None:
         ({"samesite": "None"}, ValueError),
         ({"samesite": "lax"}, ValueError),
         ({"cookie_name": "bad name"}, ValueError),
+        ({"domain": "example.org\r\nX-Injected: 1"}, ValueError),
         ({"path": "app"}, ValueError),
         ({"no_such_option": 1}, TypeError),
     ],
