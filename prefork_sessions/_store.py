@@ -126,13 +126,15 @@ class MmapStore:
         except BaseException:
             os.close(fd)
             raise
-        self._fd, self._mm, self._stale = fd, mm, False
         self._max_used = int(geo.slots * L.MAX_LOAD)
         self._pager = FastPager(mm, fd, geo.seed, geo.num_pages, geo.page_size, geo.slots, self._max_used)
         self.page_size, self.num_pages = geo.page_size, geo.num_pages
         self._seed, self._nslots = geo.seed, geo.slots
         self._d0 = L.data_start(geo.slots)
         self._max_entry = geo.page_size - self._d0
+        self._fd, self._stale = fd, False
+        # Last: other threads take a set _mm to mean "open", without the open lock.
+        self._mm = mm
 
     def _forget_parent(self) -> None:
         """In a forked child: drop the parent's descriptor, mapping and pager; reopen lazily.

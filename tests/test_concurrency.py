@@ -6,6 +6,7 @@ import os
 import random
 import signal
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -217,16 +218,18 @@ def test_threads_of_a_forked_child_reopen_the_store_once(tmp_path: Path) -> None
     store.set("counter", 0)
 
     def child() -> None:
+        sys.setswitchinterval(1e-6)  # switch threads as often as possible: widen any race
         start = threading.Barrier(8)
 
         def work() -> None:
             start.wait()
-            _increment(store, 100)
+            _increment(store, 10)
 
         _in_threads(work, 8)
 
-    wait_ok([fork(child) for _ in range(3)])
-    assert store.get("counter") == 2400
+    for _ in range(5):
+        wait_ok([fork(child) for _ in range(8)])
+    assert store.get("counter") == 3200
     assert store.check() == []
 
 
