@@ -312,7 +312,7 @@ class MmapStore:
             found = self._pager.read(kb)
         finally:
             self._unlock_pages(pages)
-        return found or None
+        return None if found is False else found
 
     # ------------------------------------------------------------------ public API
 

@@ -326,3 +326,10 @@ def test_page_size_not_a_multiple_of_4096(make_store: Make) -> None:
     store = make_store(cache_size=5 * 5120, page_size=5120)
     store.set("k", "v")
     assert store.get("k") == "v" and store.num_pages == 5 and store.check() == []
+
+
+def test_empty_raw_value_is_a_value(make_store: Make) -> None:
+    store = make_store(serializer="raw")
+    store.set("empty", b"")
+    assert store.get("empty") == b"" and "empty" in store
+    assert store._read_locked(b"empty") == b""  # the path a busy page falls back to
