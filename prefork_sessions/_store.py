@@ -668,7 +668,10 @@ class MmapStore:
             span = L.entry_span(klen, vlen)
             eo = po + pos
             if pos + span > bump or crc32(mm[eo + 24:eo + 24 + klen + vlen], crc32(mm[eo:eo + L.ENTRY_CRC_SPAN])) != crc:
-                bump = pos  # damaged beyond here: nothing acknowledged can be past a torn entry
+                # A writer moves bump only past a complete entry, so no crash leaves a torn
+                # one here: this is damage from outside, after which entry boundaries
+                # cannot be trusted.  Keep what came before.
+                bump = pos
                 break
             if not dead:
                 key = mm[eo + 24:eo + 24 + klen]
