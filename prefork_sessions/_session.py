@@ -114,6 +114,10 @@ def is_valid_session_id(value: object) -> bool:
     return isinstance(value, str) and _SESSION_ID_RE.fullmatch(value) is not None
 
 
+# A Cookie header as browsers send it: "name=value; name=value", plain characters only.
+_PLAIN_COOKIE_HEADER = re.compile(r"[A-Za-z0-9_.~+/=-]+(?:; ?[A-Za-z0-9_.~+/=-]+)*")
+
+
 def cookie_values(header: str | None, name: str) -> list[str]:
     """The values of the cookies called ``name`` in a ``Cookie`` header, in order.
 
@@ -122,15 +126,17 @@ def cookie_values(header: str | None, name: str) -> list[str]:
     """
     if not header or name not in header:
         return []  # a parsed name is a substring of the header: none can match
-    if '"' in header or "\n" in header:
-        # Quoted values, and the line break werkzeug's pattern stops at: its parser.
+    if not _PLAIN_COOKIE_HEADER.fullmatch(header):
+        # Quotes, spaces, control characters...: werkzeug's parser, whose rules for
+        # these differ between its releases.
         return parse_cookie(header).getlist(name)
-    # Otherwise werkzeug's pattern splits at ";" and the first "=" and strips both sides.
+    # name=value pairs of plain characters: every werkzeug release splits these at
+    # ";" and the first "=".
     out = []
     for part in header.split(";"):
-        key, _, value = part.partition("=")
-        if key.strip() == name:
-            out.append(value.strip())
+        key, _, value = part.lstrip(" ").partition("=")
+        if key == name:
+            out.append(value)
     return out
 
 
