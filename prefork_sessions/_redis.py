@@ -9,12 +9,11 @@ Keys live under ``prefix`` so ``clear()`` and ``keys()`` never touch others'.
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any, Self
 
-from ._errors import ReentrantCallError, SerializationError, StoreClosedError, ValueTooLargeError
-from ._serializers import resolve
+from ._errors import StoreClosedError, ValueTooLargeError
+from ._serializers import CallbackThreads, Codec
 from ._store import lifetime
 
 __all__ = ["RedisStore"]
@@ -49,9 +48,10 @@ class RedisStore:
         self._client: Any = client if client is not None else redis.Redis.from_url(url)
         self._owns_client = client is None
         self._prefix = prefix.encode()
-        self.serializer, self._dumps, self._loads = resolve(serializer)
+        self._codec = Codec(serializer)
+        self.serializer = self._codec.name
         self._expire = lifetime(expire)
-        self._busy: set[int] = set()
+        self._busy = CallbackThreads()
         self._hits = self._misses = 0
         self._closed = False
 
@@ -60,11 +60,8 @@ class RedisStore:
     def _k(self, key: str | bytes) -> bytes:
         if self._closed:
             raise StoreClosedError("store is closed; call reopen() to use it again")
-        if self._busy and threading.get_ident() in self._busy:
-            raise ReentrantCallError(
-                "the store was called from inside a get_and_set() callback; compute from the "
-                "value passed to the callback and return the result"
-            )
+        if self._busy:
+            self._busy.check()
         if isinstance(key, str):
             return self._prefix + key.encode()
         if isinstance(key, (bytes, bytearray, memoryview)):
@@ -72,26 +69,10 @@ class RedisStore:
         raise TypeError(f"keys are str or bytes, not {type(key).__name__}")
 
     def _encode(self, key: object, value: Any) -> bytes:
-        try:
-            vb = self._dumps(value)
-        except Exception as e:
-            raise SerializationError(
-                f"cannot store the value for {key!r} with serializer {self.serializer!r}: {e}. "
-                "Store JSON-compatible values, or choose serializer='pickle' or a custom serializer."
-            ) from e
+        vb = self._codec.encode(key, value)
         if len(vb) > MAX_VALUE_SIZE:
             raise ValueTooLargeError(f"value of {len(vb)} bytes exceeds Redis's limit of {MAX_VALUE_SIZE} bytes")
         return vb
-
-    def _decode(self, raw: bytes) -> Any:
-        if self._loads is None:
-            return raw
-        try:
-            return self._loads(raw)
-        except Exception as e:
-            raise SerializationError(
-                f"a value under {self._prefix!r} cannot be read with serializer {self.serializer!r}: {e}"
-            ) from e
 
     def _px(self, expire: float | None) -> int | None:
         life = self._expire if expire is None else lifetime(expire)
@@ -106,7 +87,7 @@ class RedisStore:
             self._misses += 1
             return default
         self._hits += 1
-        return self._decode(raw)
+        return self._codec.decode(raw, self.url)
 
     def __contains__(self, key: object) -> bool:
         return bool(self._client.exists(self._k(key)))  # type: ignore[arg-type]
@@ -129,18 +110,12 @@ class RedisStore:
         """
         k = self._k(key)
         px = self._px(expire)
-        me = threading.get_ident()
         with self._client.pipeline() as pipe:
             while True:
                 try:
                     pipe.watch(k)
                     raw: bytes | None = pipe.get(k)
-                    old = None if raw is None else self._decode(raw)
-                    self._busy.add(me)
-                    try:
-                        new = fn(old)
-                    finally:
-                        self._busy.discard(me)
+                    new = self._busy.run(fn, None if raw is None else self._codec.decode(raw, self.url))
                     vb = self._encode(key, new)
                     pipe.multi()
                     pipe.set(k, vb, px=px)

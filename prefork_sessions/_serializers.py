@@ -1,13 +1,17 @@
-"""Value serialisers: "json" (default, orjson), "raw" (bytes), "pickle", or custom."""
+"""What both stores share about values: serialisers ("json" (default, orjson), "raw",
+"pickle", or custom) with typed errors, and the guard around get_and_set callbacks."""
 
 from __future__ import annotations
 
 import pickle
+import threading
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import orjson
+
+from ._errors import ReentrantCallError, SerializationError
 
 Dumps = Callable[[Any], bytes]
 Loads = Callable[[bytes], Any]
@@ -52,3 +56,64 @@ def resolve(spec: Any) -> tuple[str, Dumps, Loads | None]:
         return out.encode() if isinstance(out, str) else bytes(out)
 
     return getattr(spec, "__name__", type(spec).__name__), dumps, custom_loads
+
+
+class Codec:
+    """A resolved serializer whose failures raise SerializationError naming the fix.
+
+    ``dumps``/``loads`` are the bare functions (``loads`` None: bytes as they are),
+    for hot paths that handle errors inline with ``encode_error``/``decode_error``.
+    """
+
+    __slots__ = ("dumps", "loads", "name")
+
+    def __init__(self, spec: Any) -> None:
+        self.name, self.dumps, self.loads = resolve(spec)
+
+    def encode(self, key: object, value: Any) -> bytes:
+        try:
+            return self.dumps(value)
+        except Exception as e:
+            raise self.encode_error(key, e) from e
+
+    def decode(self, raw: bytes, where: str) -> Any:
+        if self.loads is None:
+            return raw
+        try:
+            return self.loads(raw)
+        except Exception as e:
+            raise self.decode_error(where, e) from e
+
+    def encode_error(self, key: object, e: Exception) -> SerializationError:
+        return SerializationError(
+            f"cannot store the value for {key!r} with serializer {self.name!r}: {e}. "
+            "Store JSON-compatible values (dict, list, str, int, float, bool, None), "
+            "or choose serializer='pickle' or a custom serializer."
+        )
+
+    def decode_error(self, where: str, e: Exception) -> SerializationError:
+        return SerializationError(
+            f"a value in {where} cannot be read with serializer {self.name!r}: {e}. "
+            "Was it written with another serializer?"
+        )
+
+
+class CallbackThreads(set[int]):
+    """The threads now running a ``get_and_set`` callback, which holds the store's
+    lock: a call from one of them back into the store raises instead of deadlocking.
+    Empty (false) in the common case, so stores test it before anything else."""
+
+    def check(self) -> None:
+        if threading.get_ident() in self:
+            raise ReentrantCallError(
+                "the store was called from inside a get_and_set() callback, which runs with the "
+                "key locked; compute from the value passed to the callback and return the result"
+            )
+
+    def run(self, fn: Callable[[Any], Any], value: Any) -> Any:
+        me = threading.get_ident()
+        self.add(me)
+        try:
+            return fn(value)
+        finally:
+            self.discard(me)

@@ -21,16 +21,10 @@ from typing import Any, Self
 from zlib import crc32
 
 from . import _layout as L
-from ._errors import (
-    LockTimeoutError,
-    ReentrantCallError,
-    SerializationError,
-    StoreClosedError,
-    ValueTooLargeError,
-)
+from ._errors import LockTimeoutError, StoreClosedError, ValueTooLargeError
 from ._file import open_or_create
 from ._pager import FastPager
-from ._serializers import resolve
+from ._serializers import CallbackThreads, Codec
 
 __all__ = ["DEFAULT_CACHE_SIZE", "DEFAULT_LOCK_TIMEOUT", "DEFAULT_PAGE_SIZE", "NEVER", "MmapStore"]
 
@@ -104,10 +98,11 @@ class MmapStore:
             raise ValueError("lock_timeout must be a positive number of seconds")
         self.path = os.fspath(path) if path is not None else default_path(app_name)
         self._want_geometry = (page_size, cache_size // page_size)
-        self.serializer, self._dumps, self._loads = resolve(serializer)
+        self._codec = Codec(serializer)
+        self.serializer, self._dumps, self._loads = self._codec.name, self._codec.dumps, self._codec.loads
         self._expire = lifetime(expire)
         self._lock_timeout = float(lock_timeout)
-        self._busy: set[int] = set()
+        self._busy = CallbackThreads()
         self._hits = self._misses = 0
         self._mm: mmap.mmap | None = None
         self._fd = -1
@@ -154,13 +149,13 @@ class MmapStore:
         except (OSError, BufferError):
             pass
         self._mm, self._fd, self._stale = None, -1, True
-        self._busy = set()
+        self._busy = CallbackThreads()
         self._open_lock = threading.Lock()
 
     def reopen(self) -> None:
         """Re-open and re-map the same file (call in a worker after fork; idempotent)."""
         self._close_file()
-        self._busy = set()
+        self._busy = CallbackThreads()
         self._open()
 
     def close(self) -> None:
@@ -221,46 +216,12 @@ class MmapStore:
             raise ValueTooLargeError(f"key of {len(kb)} bytes is longer than the limit of 65535 bytes")
         return kb, flags
 
-    def _serialize(self, key: object, value: Any) -> bytes:
-        try:
-            return self._dumps(value)
-        except Exception as e:
-            raise self._serialize_error(key, e) from e
-
-    def _serialize_error(self, key: object, e: Exception) -> SerializationError:
-        return SerializationError(
-            f"cannot store the value for {key!r} with serializer {self.serializer!r}: {e}. "
-            "Store JSON-compatible values (dict, list, str, int, float, bool, None), "
-            "or choose serializer='pickle' or a custom serializer."
-        )
-
-    def _deserialize(self, raw: bytes) -> Any:
-        if self._loads is None:
-            return raw
-        try:
-            return self._loads(raw)
-        except Exception as e:
-            raise self._deserialize_error(e) from e
-
-    def _deserialize_error(self, e: Exception) -> SerializationError:
-        return SerializationError(
-            f"a value in {self.path} cannot be read with serializer {self.serializer!r}: {e}. "
-            "Was the file written with another serializer?"
-        )
-
     def _too_large(self, kb: bytes, vb: bytes) -> ValueTooLargeError:
         return ValueTooLargeError(
             f"value of {len(vb)} bytes (key {len(kb)} bytes) cannot fit in a page of "
             f"{self.page_size} bytes: the largest entry is {self._max_entry - L.ENTRY_SIZE} bytes "
             f"of key plus value. Store less, or create the store file with a larger page_size."
         )
-
-    def _reentry(self) -> None:
-        if threading.get_ident() in self._busy:
-            raise ReentrantCallError(
-                "the store was called from inside a get_and_set() callback, which runs with the "
-                "page locked; compute from the value passed to the callback and return the result"
-            )
 
     # ------------------------------------------------------------------ locking
 
@@ -319,7 +280,7 @@ class MmapStore:
     def get(self, key: str | bytes, default: Any = None) -> Any:
         """The value stored under ``key``, or ``default`` when missing or expired."""
         if self._busy:
-            self._reentry()
+            self._busy.check()
         kb = key.encode() if type(key) is str else self._key(key)[0]
         if self._mm is None:
             self._revive()
@@ -335,11 +296,11 @@ class MmapStore:
         try:
             return self._loads(found)
         except Exception as e:
-            raise self._deserialize_error(e) from e
+            raise self._codec.decode_error(self.path, e) from e
 
     def __contains__(self, key: object) -> bool:
         if self._busy:
-            self._reentry()
+            self._busy.check()
         kb = self._key(key)[0]  # type: ignore[arg-type]
         if self._mm is None:
             self._revive()
@@ -354,12 +315,12 @@ class MmapStore:
         Raises ValueTooLargeError (the old value stays) or SerializationError.
         """
         if self._busy:
-            self._reentry()
+            self._busy.check()
         kb, flags = (key.encode(), L.FLAG_STR_KEY) if type(key) is str and len(key) < 16384 else self._key(key)
         try:
             vb = self._dumps(value)
         except Exception as e:
-            raise self._serialize_error(key, e) from e
+            raise self._codec.encode_error(key, e) from e
         if L.ENTRY_SIZE + len(kb) + len(vb) > self._max_entry:
             raise self._too_large(kb, vb)
         life = self._expire if expire is None else lifetime(expire)
@@ -372,20 +333,14 @@ class MmapStore:
         store from it (ReentrantCallError).  If ``fn`` raises, nothing is stored.
         """
         if self._busy:
-            self._reentry()
+            self._busy.check()
         kb, flags = self._key(key)
         exp_at = self._expire_at(expire)
         result: list[Any] = []
-        me = threading.get_ident()
 
         def update(old: bytes | None) -> bytes:
-            current = None if old is None else self._deserialize(old)
-            self._busy.add(me)
-            try:
-                new = fn(current)
-            finally:
-                self._busy.discard(me)
-            vb = self._serialize(key, new)
+            new = self._busy.run(fn, None if old is None else self._codec.decode(old, self.path))
+            vb = self._codec.encode(key, new)
             if L.ENTRY_SIZE + len(kb) + len(vb) > self._max_entry:
                 raise self._too_large(kb, vb)
             result.append(new)
@@ -397,7 +352,7 @@ class MmapStore:
     def delete(self, key: str | bytes) -> bool:
         """Remove ``key``; True if a live (unexpired) entry was removed."""
         if self._busy:
-            self._reentry()
+            self._busy.check()
         kb = self._key(key)[0]
         if self._mm is None:
             self._revive()
@@ -711,7 +666,7 @@ class MmapStore:
     def _each_page(self) -> Iterator[tuple[mmap.mmap, int]]:
         """Lock each page in turn and yield (map, page offset); unlocks after each step."""
         if self._busy:
-            self._reentry()
+            self._busy.check()
         if self._mm is None:
             self._revive()
         for page in range(self.num_pages):
