@@ -119,8 +119,8 @@ class Pager:
         in1 = self.holds(po1, kb, h, s0)
         in2 = 0 if in1 == 1 or p2 == p1 else self.holds(po2, kb, h, s0)
         page = p1 if in1 == 1 else p2 if in2 == 1 else -2 if min(in1, in2) < 0 else -1
-        _, _, b1, d1 = L.COUNTS.unpack_from(mm, po1 + 8)
-        _, _, b2, d2 = L.COUNTS.unpack_from(mm, po2 + 8)
+        _, _, b1, d1 = L.COUNTS.unpack_from(mm, po1 + L.OFF_COUNTS)
+        _, _, b2, d2 = L.COUNTS.unpack_from(mm, po2 + L.OFF_COUNTS)
         return h, p1, p2, s0, page, p2 if b2 - d2 + (self._ps >> 5) < b1 - d1 else p1
 
     def read(self, kb: bytes) -> bytes | None | Literal[False]:
@@ -228,7 +228,7 @@ class Pager:
         around the change."""
         mm = self._mm
         assert mm is not None
-        ne, used, bump, dead = L.COUNTS.unpack_from(mm, po + 8)
+        ne, used, bump, dead = L.COUNTS.unpack_from(mm, po + L.OFF_COUNTS)
         klen, vlen = len(kb), len(vb)
         span = L.entry_span(klen, vlen)
         if bump + span > self._ps or not so:
@@ -252,7 +252,7 @@ class Pager:
         else:
             used += slot_empty
             ne += 1
-        L.COUNTS.pack_into(mm, po + 8, ne, used, bump + span, dead)
+        L.COUNTS.pack_into(mm, po + L.OFF_COUNTS, ne, used, bump + span, dead)
         if bracket:
             self.bump(po)
         return True

@@ -23,7 +23,7 @@
 #define SLOT_TOMB 1
 #define FIB 0x9E3779B1u
 #define READ_TRIES 4
-#define OFF_COUNTS 8
+#define OFF_COUNTS 8   /* _layout.OFF_COUNTS: entries, used, bump, dead follow seq */
 #define OFF_DEAD 19
 #ifndef F_OFD_SETLK
 #define F_OFD_SETLK 37

@@ -491,10 +491,10 @@ class MmapStore:
 
     def _kill(self, mm: mmap.mmap, po: int, so: int, eo: int) -> None:
         """Remove a live entry (seq must be odd): tombstone its slot, mark it dead."""
-        ne, used, bump, dead = _counts_at(mm, po + 8)
+        ne, used, bump, dead = _counts_at(mm, po + L.OFF_COUNTS)
         L.U32.pack_into(mm, so, L.SLOT_TOMB)
         mm[eo + L.OFF_DEAD] = 1
-        L.COUNTS.pack_into(mm, po + 8, ne - 1, used, bump, dead + self._span_at(mm, eo))
+        L.COUNTS.pack_into(mm, po + L.OFF_COUNTS, ne - 1, used, bump, dead + self._span_at(mm, eo))
 
     def _live(self, mm: mmap.mmap, po: int) -> Iterator[tuple[int, int, int, float]]:
         """(slot offset, entry offset, last access, expire_at) of each live entry of a page."""
@@ -519,7 +519,7 @@ class MmapStore:
             self._add_counter(mm, po + L.OFF_EXPIRATIONS, len(expired))
         evicted = 0
         for so, eo, _, exp in entries:
-            ne, _, bump, dead = _counts_at(mm, po + 8)
+            ne, _, bump, dead = _counts_at(mm, po + L.OFF_COUNTS)
             if self.page_size - bump + dead >= span and not (new_slot and ne >= self._max_used):
                 break
             if (exp and exp <= now) or eo == keep:
@@ -528,7 +528,7 @@ class MmapStore:
             evicted += 1
         if evicted:
             self._add_counter(mm, po + L.OFF_EVICTIONS, evicted)
-        ne, used, bump, dead = _counts_at(mm, po + 8)
+        ne, used, bump, dead = _counts_at(mm, po + L.OFF_COUNTS)
         if keep and self.page_size - bump + dead < span:
             self._kill(mm, po, *self._slot_of(mm, po, keep))  # the replaced value itself must go
         if bump + span > self.page_size or (new_slot and used >= self._max_used):
@@ -561,7 +561,7 @@ class MmapStore:
                 i = (i + 1) % nslots
             L.SLOT.pack_into(img, base + (i << 3), pos, atime)
             pos += span
-        L.COUNTS.pack_into(img, 8, len(entries), len(entries), pos, 0)
+        L.COUNTS.pack_into(img, L.OFF_COUNTS, len(entries), len(entries), pos, 0)
         return img
 
     def _compact(self, mm: mmap.mmap, page: int, po: int) -> None:
@@ -573,9 +573,9 @@ class MmapStore:
         self._lock(L.SPARE_LOCK)
         try:
             self._settle_spare(mm)
-            mm[spare + 8:spare + end] = img[8:end]
+            mm[spare + L.OFF_COUNTS:spare + end] = img[L.OFF_COUNTS:end]
             L.SPARE_STATE.pack_into(mm, L.SPARE_STATE_OFF, L.SPARE_VALID, page, end)
-            mm[po + 8:po + end] = img[8:end]
+            mm[po + L.OFF_COUNTS:po + end] = img[L.OFF_COUNTS:end]
             L.SPARE_STATE.pack_into(mm, L.SPARE_STATE_OFF, L.SPARE_EMPTY, 0, 0)
         finally:
             self._pager.unlock(L.SPARE_LOCK)
@@ -587,10 +587,10 @@ class MmapStore:
         repairs it (and waits for the spare first), so restoring it here is safe.
         """
         state, target, end = L.SPARE_STATE.unpack_from(mm, L.SPARE_STATE_OFF)
-        if state == L.SPARE_VALID and 0 <= target < self.num_pages and 8 < end <= self.page_size:
+        if state == L.SPARE_VALID and 0 <= target < self.num_pages and L.OFF_COUNTS < end <= self.page_size:
             spare = L.page_offset(self.page_size, L.SPARE_LOCK)
             po = L.page_offset(self.page_size, target)
-            mm[po + 8:po + end] = mm[spare + 8:spare + end]
+            mm[po + L.OFF_COUNTS:po + end] = mm[spare + L.OFF_COUNTS:spare + end]
         L.SPARE_STATE.pack_into(mm, L.SPARE_STATE_OFF, L.SPARE_EMPTY, 0, 0)
 
     def _repair(self, page: int, po: int) -> None:
@@ -640,7 +640,7 @@ class MmapStore:
                     latest[key] = (eo, atimes.get(pos, t))
             pos += span
         mm[base:base + (self._nslots << 3)] = bytes(self._nslots << 3)
-        L.COUNTS.pack_into(mm, po + 8, 0, 0, bump, 0)
+        L.COUNTS.pack_into(mm, po + L.OFF_COUNTS, 0, 0, bump, 0)
         keep = sorted(latest.values())
         for eo, _ in keep[:-self._max_used]:  # more than the slots allow: only after damage
             mm[eo + L.OFF_DEAD] = 1
@@ -659,7 +659,7 @@ class MmapStore:
                 i = (i + 1) % nslots
             L.SLOT.pack_into(mm, base + (i << 3), eo - po, atime)
             live += self._span_at(mm, eo)
-        L.COUNTS.pack_into(mm, po + 8, len(entries), len(entries), bump, bump - self._d0 - live)
+        L.COUNTS.pack_into(mm, po + L.OFF_COUNTS, len(entries), len(entries), bump, bump - self._d0 - live)
 
     # ------------------------------------------------------------------ whole-store operations
 
@@ -699,7 +699,7 @@ class MmapStore:
             self._pager.bump(po)
             L.U32.pack_into(mm, po + L.OFF_BUMP, self._d0)  # first, so a crash here repairs to empty
             mm[po + L.PAGE_HDR_SIZE:po + self._d0] = bytes(self._d0 - L.PAGE_HDR_SIZE)
-            L.COUNTS.pack_into(mm, po + 8, 0, 0, self._d0, 0)
+            L.COUNTS.pack_into(mm, po + L.OFF_COUNTS, 0, 0, self._d0, 0)
             self._pager.bump(po)
 
     def keys(self) -> list[str | bytes]:
@@ -759,7 +759,7 @@ class MmapStore:
         seen: dict[bytes, int] = {}
         for mm, po in self._each_page():
             page = (po - L.HEADER_SIZE) // self.page_size - 1
-            ne, used, bump, dead = _counts_at(mm, po + 8)
+            ne, used, bump, dead = _counts_at(mm, po + L.OFF_COUNTS)
             live = tombs = live_bytes = 0
             for i in range(self._nslots):
                 off = _u32_at(mm, po + L.PAGE_HDR_SIZE + (i << 3))[0]
