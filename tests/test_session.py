@@ -77,6 +77,13 @@ def sid_of(client: Client) -> str | None:
     return None if cookie is None else cookie.value
 
 
+def client_with(app: Any, sid: str | None) -> Client:
+    """Another browser presenting the session cookie ``sid``."""
+    client = Client(app)
+    client.set_cookie(COOKIE, sid)  # type: ignore[arg-type]
+    return client
+
+
 def stored(store: MmapStore, sid: str | None) -> Any:
     assert sid is not None
     return store.get(PREFIX + sid)
@@ -711,9 +718,7 @@ def test_concurrent_requests_changing_different_keys_both_keep_their_changes(
     client = Client(app)
     client.get("/init")
     sid = sid_of(client)
-    other = Client(app)
-    other.set_cookie(COOKIE, sid)  # type: ignore[arg-type]
-    inner.append(other)
+    inner.append(client_with(app, sid))
     client.get("/a")
     assert stored(store, sid)["d"] == {"a": 1, "b": 1}
     assert stored(store, sid)["f"] == [["message", "from b"]]
@@ -733,8 +738,7 @@ def test_threads_incrementing_different_keys_lose_nothing(store: MmapStore) -> N
 
     def worker(key: str) -> None:
         try:
-            client = Client(app)
-            client.set_cookie(COOKIE, sid)  # type: ignore[arg-type]
+            client = client_with(app, sid)
             for _ in range(25):
                 assert client.get(f"/{key}").status_code == 200
         except Exception as e:  # noqa: BLE001 - reported by the main thread
@@ -767,9 +771,7 @@ def test_a_session_ended_meanwhile_is_not_resurrected(store: MmapStore) -> None:
     client = Client(app)
     client.get("/login")
     sid = sid_of(client)
-    other = Client(app)
-    other.set_cookie(COOKIE, sid)  # type: ignore[arg-type]
-    inner.append(other)
+    inner.append(client_with(app, sid))
     response = client.get("/slow")
     assert response.status_code == 200
     assert stored(store, sid) is None
