@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import time
 import traceback
 import zlib
@@ -129,6 +130,14 @@ def hard_timeout(seconds: float, what: str, cleanup: Callable[[], None] | None =
 
     signal.signal(signal.SIGALRM, expired)
     signal.setitimer(signal.ITIMER_REAL, seconds)
+
+
+def run_in_tmp(ns: Any, name: str, run: Callable[[Any, Path], int]) -> int:
+    """Arm the hard timeout, then ``run(ns, directory)`` in a fresh temporary directory
+    (under ``--dir`` if given) that is removed afterwards."""
+    hard_timeout(ns.timeout, name)
+    with tempfile.TemporaryDirectory(prefix=f"stress-{name}-", dir=ns.dir) as tmp:
+        return run(ns, Path(tmp))
 
 
 def add_common_args(parser: Any, *, seed: int = 1, timeout: float = 300) -> None:

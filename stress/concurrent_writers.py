@@ -19,7 +19,6 @@ import argparse
 import json
 import random
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -110,10 +109,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = parse_args(argv)
-    C.hard_timeout(ns.timeout, "concurrent_writers")
-    with tempfile.TemporaryDirectory(prefix="stress-writers-", dir=ns.dir) as tmp:
-        return run(ns, Path(tmp))
+    return C.run_in_tmp(parse_args(argv), "concurrent_writers", run)
 
 
 def run(ns: argparse.Namespace, tmp: Path) -> int:

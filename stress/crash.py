@@ -30,7 +30,6 @@ import selectors
 import signal
 import struct
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,10 +244,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = parse_args(argv)
-    C.hard_timeout(ns.timeout, "crash")
-    with tempfile.TemporaryDirectory(prefix="stress-crash-", dir=ns.dir) as tmp:
-        return run(ns, Path(tmp))
+    return C.run_in_tmp(parse_args(argv), "crash", run)
 
 
 def run(ns: argparse.Namespace, tmp: Path) -> int:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -237,10 +236,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = parse_args(argv)
-    C.hard_timeout(ns.timeout, "fork_safety")
-    with tempfile.TemporaryDirectory(prefix="stress-fork-", dir=ns.dir) as tmp:
-        return run(ns, Path(tmp))
+    return C.run_in_tmp(parse_args(argv), "fork_safety", run)
 
 
 def run(ns: argparse.Namespace, tmp: Path) -> int:
