@@ -2,7 +2,9 @@
 
 from ._errors import (
     FileFormatError,
+    InvalidArgumentError,
     LockTimeoutError,
+    NoSpaceError,
     ReentrantCallError,
     SerializationError,
     SessionStoreError,
@@ -10,16 +12,20 @@ from ._errors import (
     UnsafeFileError,
     ValueTooLargeError,
 )
+from ._pager import ACCELERATED
 from ._redis import RedisStore
 from ._session import Session, SessionOptions
 from ._store import NEVER, MmapStore
 from ._wsgi import SessionMiddleware, SessionRequest, with_session
 
 __all__ = [
+    "ACCELERATED",
     "NEVER",
     "FileFormatError",
+    "InvalidArgumentError",
     "LockTimeoutError",
     "MmapStore",
+    "NoSpaceError",
     "RedisStore",
     "ReentrantCallError",
     "SerializationError",

@@ -40,3 +40,13 @@ class ReentrantCallError(SessionStoreError, RuntimeError):
 
 class StoreClosedError(SessionStoreError, ValueError):
     """The store was used after :meth:`MmapStore.close`."""
+
+
+class InvalidArgumentError(SessionStoreError, TypeError, ValueError):
+    """An argument of the wrong type or out of range (a key, an ``expire``, a size,
+    a timeout); nothing was stored or changed."""
+
+
+class NoSpaceError(SessionStoreError, OSError):
+    """The file system has no room for the store file (or for the blocks behind
+    it); nothing was created or changed."""

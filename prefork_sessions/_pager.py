@@ -10,9 +10,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import mmap
+import os
 import struct
 import threading
 import time
+import warnings
 from typing import Literal
 from zlib import crc32
 
@@ -258,12 +260,27 @@ class Pager:
         return True
 
 
+PURE_ENV = "PREFORK_SESSIONS_PURE"  # "1": use the reference implementation (inherited by subprocesses)
+
 FastPager: type[Pager | _speedups.Pager]
-try:
-    from . import _speedups
-
-    FastPager = _speedups.Pager
-except ImportError:  # no compiler at install time: the reference implementation serves
+ACCELERATED = False
+"""Whether stores use the C hot path (False: the pure-Python reference)."""
+if os.environ.get(PURE_ENV, "") not in ("", "0"):
     FastPager = Pager
+else:
+    try:
+        from . import _speedups
 
-__all__ = ["FastPager", "Pager"]
+        FastPager = _speedups.Pager
+        ACCELERATED = True
+    except ImportError as e:  # no compiler at install time: the reference implementation serves
+        FastPager = Pager
+        warnings.warn(
+            f"prefork_sessions: the C hot path could not be loaded ({e}); using the pure-Python "
+            "implementation, about 2x slower. Reinstall with a C compiler and zlib headers "
+            "(apt-get install gcc libc6-dev zlib1g-dev), or set PREFORK_SESSIONS_PURE=1 to "
+            "choose it and silence this warning.",
+            RuntimeWarning, stacklevel=2,
+        )
+
+__all__ = ["ACCELERATED", "FastPager", "PURE_ENV", "Pager"]
