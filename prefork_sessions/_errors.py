@@ -13,8 +13,15 @@ class SessionStoreError(Exception):
 
 
 class UnsafeFileError(SessionStoreError, PermissionError):
-    """The store file is a symlink, not a regular file, owned by another user,
-    or writable by group or others; it was left untouched."""
+    """The store file is a symlink, a directory, socket or other non-regular file,
+    has more than one hard link, is owned by another user (or this user may not
+    open or create it there), or is writable by group or others; it was left
+    untouched."""
+
+
+class StorePathError(SessionStoreError, FileNotFoundError):
+    """The directory that should hold the store file does not exist (or is not a
+    directory), or the file keeps vanishing while being opened; nothing was created."""
 
 
 class FileFormatError(SessionStoreError, OSError):
@@ -49,4 +56,5 @@ class InvalidArgumentError(SessionStoreError, TypeError, ValueError):
 
 class NoSpaceError(SessionStoreError, OSError):
     """The file system has no room for the store file (or for the blocks behind
-    it); nothing was created or changed."""
+    a sparse one); nothing was created, and an existing file's contents were
+    left as they were."""
