@@ -17,8 +17,13 @@ For your own app, set PREFORK_SESSIONS_APP and open your MmapStore at
 PREFORK_SESSIONS_PATH, or copy this file and change the names.
 """
 
+import json
 import os
+import pwd
+import stat
 import sys
+
+import gunicorn.util
 
 from prefork_sessions import MmapStore, RedisStore, SessionStoreError
 
@@ -48,18 +53,42 @@ def on_starting(server):
     existing one, so a bad path, owner or mode stops gunicorn here with a clear
     error instead of failing in every worker.  The resolved path is put in the
     environment the workers inherit, so they all open this very file.  With
-    PREFORK_SESSIONS_REDIS_URL set, check that the Redis server answers instead."""
+    PREFORK_SESSIONS_REDIS_URL set, check that the Redis server answers instead.
+
+    When the workers run as another user (``--user``/``--group``, the master as
+    root) and open the file themselves (no ``preload_app``), the check runs in a
+    child process that drops to the workers' user and group exactly as gunicorn
+    does for a worker: the file is created owned by that user, and a directory it
+    cannot reach or write stops gunicorn here.  With ``preload_app`` the master
+    opens the file for the app it loads, and each worker reopens it in
+    ``post_fork``, which gunicorn runs before the worker drops its privileges: the
+    file is the master's."""
     if os.environ.get(REDIS_ENV):
         try:
             with RedisStore(os.environ[REDIS_ENV]) as redis_store:
                 problems = redis_store.check()
-        except Exception as e:  # redis-py raises its own ConnectionError and friends
+        except Exception as e:  # noqa: BLE001 - redis-py raises its own ConnectionError and friends
             problems = [str(e)]
         if problems:
             server.log.error("cannot use the Redis session store: %s", "; ".join(problems))
             sys.exit(1)
         server.log.info("session store: Redis at %s", os.environ[REDIS_ENV])
         return
+    cfg = server.cfg
+    as_workers = (cfg.uid, cfg.gid) != (os.geteuid(), os.getegid()) and not cfg.preload_app
+    found = _check_store_as_workers(cfg) if as_workers else _check_store()
+    if "error" in found:
+        server.log.error("cannot use the session store: %s", found["error"])
+        sys.exit(1)
+    server.log.info(
+        "session store %s: %d pages of %d bytes, mode %04o, owned by %s",
+        found["path"], found["pages"], found["page_size"], found["mode"], found["owner"],
+    )
+    os.environ[PATH_ENV] = found["path"]
+
+
+def _check_store():
+    """Create or check the store file as this process; what was found, or {"error": ...}."""
     try:
         store = MmapStore(
             os.environ.get(PATH_ENV) or None,
@@ -67,26 +96,48 @@ def on_starting(server):
             cache_size=_env_int(SIZE_ENV, 16 << 20),
         )
     except (SessionStoreError, OSError, ValueError) as e:
-        server.log.error("cannot use the session store: %s", e)
-        sys.exit(1)
-    try:
-        mode = os.stat(store.path).st_mode & 0o777
-        server.log.info(
-            "session store %s: %d pages of %d bytes, mode %04o",
-            store.path,
-            store.num_pages,
-            store.page_size,
-            mode,
-        )
+        return {"error": str(e)}
+    try:  # the master never serves requests: workers open their own
+        st = os.stat(store.path)
+        try:
+            owner = pwd.getpwuid(st.st_uid).pw_name
+        except KeyError:
+            owner = f"uid {st.st_uid}"
+        return {"path": store.path, "pages": store.num_pages, "page_size": store.page_size,
+                "mode": stat.S_IMODE(st.st_mode), "owner": owner}
     finally:
-        store.close()  # the master never serves requests: workers open their own
-    os.environ[PATH_ENV] = store.path
+        store.close()
+
+
+def _check_store_as_workers(cfg):
+    """_check_store() in a child that has become the workers' user and group."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the master has no other threads yet: only this one is copied
+        code = 1
+        try:
+            os.close(read_end)
+            gunicorn.util.set_owner_process(cfg.uid, cfg.gid, initgroups=cfg.initgroups)
+            found = _check_store()
+            os.write(write_end, json.dumps(found).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as answer:
+        raw = answer.read()
+    status = os.waitpid(pid, 0)[1]
+    if os.waitstatus_to_exitcode(status) != 0 or not raw:
+        return {"error": f"the check as the workers' user (uid {cfg.uid}, gid {cfg.gid}) failed "
+                         f"(exit status {os.waitstatus_to_exitcode(status)})"}
+    return json.loads(raw)
 
 
 def post_fork(server, worker):
     """Each worker, right after fork: with preload_app the app (and its store)
     were created in the master, so give this worker its own descriptor and
-    mapping of the same file.  Nothing is re-initialised or truncated.  Without
+    mapping of the same file (gunicorn runs this hook before the worker drops to
+    ``--user``, so the master's file opens).  Nothing is re-initialised or truncated.  Without
     preload_app the worker imports the app after this hook and opens the file
     itself.  (The store also detects a fork on its own; this makes it explicit
     and early.)"""

@@ -24,8 +24,8 @@ from prefork_sessions import (
     NoSpaceError,
     SessionStoreError,
     UnsafeFileError,
+    _file,
 )
-from prefork_sessions import _file
 from prefork_sessions import _layout as L
 from prefork_sessions._errors import StorePathError
 
@@ -374,7 +374,7 @@ def test_a_sparse_store_file_on_a_full_disk_is_refused_not_a_sigbus(
         assert isinstance(err.value, OSError)
         message = str(err.value)
         assert str(path) in message and "is sparse" in message, message
-        assert f"bytes free; a store into a hole" in message and f"on {where}" in message, message
+        assert "bytes free; a store into a hole" in message and f"on {where}" in message, message
         assert "smaller cache_size" in message, message
 
     pid = fork(open_and_write)

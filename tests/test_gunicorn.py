@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import grp
 import itertools
 import os
+import pwd
+import shutil
 import stat
+import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -95,6 +100,60 @@ def test_an_unsafe_store_file_stops_gunicorn_in_the_master(tmp_path: Path) -> No
     assert "cannot use the session store" in log and "writable by group or others" in log
     assert "Booting worker" not in log
     assert path.read_bytes() == b"not a store"  # left untouched
+
+
+@pytest.fixture
+def nobodys_dir() -> Iterator[Path]:
+    """A directory of user nobody, 0700, that nobody can reach (pytest's tmp_path lies
+    under a 0700 directory of root): like a systemd RuntimeDirectory= for User=nobody."""
+    assert os.geteuid() == 0, "these tests start gunicorn as root with --user nobody (CI runs as root)"
+    where = Path(tempfile.mkdtemp(prefix="prefork-sessions-gunicorn-", dir="/tmp"))
+    nobody = pwd.getpwnam("nobody")
+    os.chown(where, nobody.pw_uid, nobody.pw_gid)
+    yield where
+    shutil.rmtree(where)
+
+
+@pytest.mark.parametrize("preload", [False, True], ids=["no-preload", "preload"])
+def test_workers_running_as_another_user_boot_and_share_sessions(
+    tmp_path: Path, nobodys_dir: Path, preload: bool
+) -> None:
+    """The master runs as root, the workers as nobody (``--user``/``--group``).  Without
+    preload the workers open the file themselves, so on_starting creates it as
+    nobody; with preload the master opens it and the workers inherit it."""
+    store = nobodys_dir / "sessions.store"
+    with LiveGunicorn(
+        tmp_path, workers=2, preload=preload, store_path=store,
+        args=("--user", "nobody", "--group", "nogroup", "--max-requests", "2"),
+    ) as server:
+        browser = Browser(server)
+        data = [browser.json("/") for _ in range(8)]
+        assert [d["visits"] for d in data] == list(range(1, 9))
+        workers = {d["worker"] for d in data}
+        assert len(workers) >= 2
+        for pid in workers & {int(p) for p in os.listdir("/proc") if p.isdigit()}:
+            assert os.stat(f"/proc/{pid}").st_uid == pwd.getpwnam("nobody").pw_uid
+    st = os.stat(store)
+    assert stat.S_IMODE(st.st_mode) == 0o640
+    owner = "root" if preload else "nobody"
+    assert (pwd.getpwuid(st.st_uid).pw_name, grp.getgrgid(st.st_gid).gr_name) == (
+        (owner, "root") if preload else (owner, "nogroup")
+    )
+    assert f"mode 0640, owned by {owner}" in server.log_path.read_text()
+
+
+def test_workers_of_another_user_that_cannot_reach_the_file_stop_gunicorn_in_the_master(
+    tmp_path: Path,
+) -> None:
+    assert os.geteuid() == 0
+    store = tmp_path / "sessions.store"  # under pytest's 0700 directory: nobody cannot reach it
+    server = LiveGunicorn(tmp_path, store_path=store, args=("--user", "nobody"), ready_timeout=30)
+    with pytest.raises(RuntimeError, match="gunicorn exited"):
+        server.start()
+    log = server.log_path.read_text()
+    assert "cannot use the session store" in log and "cannot be reached by nobody (uid 65534)" in log
+    assert "Booting worker" not in log
+    assert not store.exists()
 
 
 def test_the_demo_on_a_redis_store_counts_across_workers(tmp_path: Path, redis_url: str) -> None:
