@@ -4,7 +4,7 @@ Theory of operation
 ===================
 
 A browser holds only an opaque session id in a cookie; the data lives in the
-store under ``key_prefix + id`` as one value::
+store under ``key_prefix + digest(id)`` as one value::
 
     {"d": {...session data...}, "e": <expiry, epoch seconds>, "f": [[category, message], ...]}
 
@@ -17,45 +17,55 @@ Rules
 1. Ids come from :func:`secrets.token_urlsafe` (256 bits).  A cookie is checked
    against the exact id format before the store is touched; a malformed,
    unknown or expired id gets a fresh id.  A client-chosen id is never adopted.
-2. The session is loaded lazily, on first use.  A request that never touches it
+2. The id itself is never stored, nor logged: the store key holds a one-way
+   digest of it (keyed BLAKE2b with a key derived from ``secret`` when one is
+   given, SHA-256 otherwise), so whoever can read the store file or the Redis
+   keys learns no cookie (Rack's ``private_id``, after CVE-2019-16782).
+3. The session is loaded lazily, on first use.  A request that never touches it
    costs no store access, sets no cookie and adds no ``Vary: Cookie``.
-3. Nothing is written unless something changed.  A read-only request writes
+4. Nothing is written unless something changed.  A read-only request writes
    only when the remaining lifetime has fallen under ``refresh_threshold``
    (sliding expiry), and then only the expiry.
-4. A save of a loaded session is a merge, done inside ``store.get_and_set``:
+5. A save of a loaded session is a merge, done inside ``store.get_and_set``:
    the keys this request set, mutated or deleted are applied to the latest
    stored copy, so two concurrent requests changing different keys both keep
    their changes.  If the stored copy vanished meanwhile (a concurrent logout
    or rotation, expiry, eviction) nothing is written: a session is never
    resurrected from a stale copy.
-5. A new, rotated or invalidated-then-refilled session is written whole under
+6. A new, rotated or invalidated-then-refilled session is written whole under
    its fresh id; ids it replaces are deleted only after that write succeeded.
-6. A save that fails (value not serialisable, too large, lock timeout) writes
+7. A save that fails (value not serialisable, too large, lock timeout) writes
    nothing and leaves the stored session as it was; the WSGI layer answers 500.
+8. Nothing a client sends can raise: a Cookie header of any bytes, length or
+   repetition yields at most a fresh session.  A stored value of the wrong
+   shape (written by someone else) is treated as no session.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import math
 import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeGuard
 
 from werkzeug.http import dump_cookie
 from werkzeug.sansio.http import parse_cookie
 
-from ._errors import SerializationError, SessionStoreError
+from ._errors import InvalidArgumentError, SerializationError, SessionStoreError
 
 __all__ = [
     "DEFAULT_COOKIE_NAME",
     "DEFAULT_KEY_PREFIX",
     "DEFAULT_LIFETIME",
+    "MAX_LIFETIME",
+    "MIN_SECRET_BYTES",
     "Session",
     "SessionManager",
     "SessionOptions",
@@ -68,15 +78,27 @@ log = logging.getLogger("prefork_sessions")
 
 DEFAULT_COOKIE_NAME = "session_id"
 DEFAULT_LIFETIME = 14 * 24 * 3600.0  # seconds: two weeks
+# Browsers keep a cookie at most 400 days whatever its Max-Age (RFC 6265bis): a
+# longer lifetime would only keep sessions in the store that no browser can present.
+MAX_LIFETIME = 400 * 24 * 3600.0
+MIN_SECRET_BYTES = 32  # a secret shorter than this is more likely a placeholder than a key
 DEFAULT_KEY_PREFIX = "session:"
 SESSION_ID_BYTES = 32  # 256 bits
 # token_urlsafe(32) is 43 characters of the URL-safe base64 alphabet; the last
 # one carries 4 bits of data and 2 zero bits, so only 16 characters can end it.
 _SESSION_ID_RE = re.compile(r"[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]")
 # A client may send several cookies of the same name (different paths or
-# domains); look at no more than this many, so a flood costs nothing.
+# domains); look up no more than this many well-formed ids, so a flood costs nothing.
 _MAX_COOKIE_CANDIDATES = 4
 _COOKIE_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HOST_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")  # RFC 1123, ASCII form
+_MAX_HOST_NAME = 253  # characters of a host name in its ASCII form
+# RFC 6265 path-value: any CHAR but controls and ";" (werkzeug 2.x passes ";" through).
+_BAD_PATH_RE = re.compile(r"[\x00-\x1f\x7f;]")
+_NON_ASCII_RE = re.compile(r"[^\x00-\x7f]")
+# Personalisation of the BLAKE2b that turns ``secret`` into the id-digest key, so
+# an application secret used for other purposes too yields a key of its own.
+_SECRET_PERSON = b"prefork_sessions"
 
 # Keys of the stored value.
 _DATA = "d"
@@ -140,6 +162,22 @@ def cookie_values(header: str | None, name: str) -> list[str]:
     return out
 
 
+def request_cookie_values(header: object, name: str) -> list[str]:
+    """The values of the cookies called ``name`` in a WSGI ``HTTP_COOKIE`` value.
+
+    PEP 3333 gives the header's bytes as a latin-1 string; it may hold any
+    bytes (not always UTF-8), or, from a non-conforming server, anything else.
+    A session id and our cookie name are ASCII, so a non-ASCII character can
+    only make a cookie unusable: each is replaced by ``?`` (neither a separator
+    nor a space, so the header splits as before) and nothing can fail to decode.
+    """
+    if not isinstance(header, str) or not header:
+        return []
+    if not header.isascii():
+        header = _NON_ASCII_RE.sub("?", header)
+    return cookie_values(header, name)
+
+
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _VARY_COOKIE = ("Vary", "Cookie")
@@ -165,17 +203,70 @@ def _http_date(seconds: int) -> str:
     return text
 
 
+def _is_number(value: object) -> TypeGuard[float]:
+    """An int or float, not a bool (True is 1 to Python, never a number of seconds here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_domain(domain: str) -> None:
+    """InvalidArgumentError unless the ASCII form dump_cookie sends for ``domain`` is a
+    host name (RFC 1123 labels, IDNA allowed, one optional leading dot)."""
+    host = domain.removeprefix(".")
+    try:
+        # dump_cookie's own conversion, checked after it: IDNA maps some characters
+        # to ASCII (a fullwidth semicolon becomes ";"), so the input proves nothing.
+        ascii_host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        ascii_host = ""
+    labels = ascii_host.split(".")
+    if len(ascii_host) > _MAX_HOST_NAME or not all(map(_HOST_LABEL_RE.fullmatch, labels)):
+        raise InvalidArgumentError(
+            f"domain {domain!r} is not a host name: give labels of letters, digits and '-' "
+            "joined by dots, such as 'example.org', '.example.org' or 'bücher.example' (no "
+            "port, spaces, ';', ',' or '='), or None for a cookie sent only to the host "
+            "that set it"
+        )
+
+
+def _secret_bytes(secret: object) -> bytes:
+    """``secret`` as bytes; InvalidArgumentError (never showing it) unless it is
+    str or bytes of at least MIN_SECRET_BYTES."""
+    how = (
+        f"give at least {MIN_SECRET_BYTES} random bytes, e.g. secrets.token_urlsafe(32), "
+        "the same in every process that serves the app"
+    )
+    if isinstance(secret, str):
+        try:
+            raw = secret.encode()
+        except UnicodeError:
+            raise InvalidArgumentError(f"secret is not encodable as UTF-8: {how}") from None
+    elif isinstance(secret, bytes):
+        raw = secret
+    else:
+        raise InvalidArgumentError(
+            f"secret must be str or bytes, not {type(secret).__name__}: {how}"
+        )
+    if len(raw) < MIN_SECRET_BYTES:
+        raise InvalidArgumentError(f"secret is {len(raw)} bytes long, too short: {how}")
+    return raw
+
+
 @dataclass(frozen=True, kw_only=True)
 class SessionOptions:
     """Cookie and lifetime options; every keyword of ``with_session`` and
-    ``SessionMiddleware`` is a field here.  Raises ValueError for bad values.
+    ``SessionMiddleware`` is a field here.  Raises InvalidArgumentError (a
+    ValueError and TypeError) for bad values.
 
-    ``lifetime``: seconds a session lives after its last save; also the cookie's
-    Max-Age.  ``refresh_threshold``: a read-only request re-saves the expiry
-    (and re-sends the cookie) only when less than this many seconds remain;
-    ``None`` means ``lifetime / 2``, ``0`` means a fixed lifetime that only
-    changes save.  ``secure``: send the cookie over HTTPS only (turn on in
-    production).  ``key_prefix``: prepended to the id to form the store key.
+    ``lifetime``: seconds a session lives after its last save (at most
+    MAX_LIFETIME, 400 days); also the cookie's Max-Age.  ``refresh_threshold``:
+    a read-only request re-saves the expiry (and re-sends the cookie) only when
+    less than this many seconds remain; ``None`` means ``lifetime / 2``, ``0``
+    means a fixed lifetime that only changes save.  ``secure``: send the cookie
+    over HTTPS only (turn on in production).  ``domain``: a host name, or None
+    for the host that set the cookie.  ``key_prefix``: prepended to the id's
+    digest to form the store key.  ``secret``: str or bytes of at least 32
+    bytes, the same in every process; with it the store key is a keyed digest
+    of the id (never shown by ``repr``).
     """
 
     cookie_name: str = DEFAULT_COOKIE_NAME
@@ -187,31 +278,63 @@ class SessionOptions:
     path: str = "/"
     domain: str | None = None
     key_prefix: str = DEFAULT_KEY_PREFIX
+    secret: str | bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if not _COOKIE_NAME_RE.fullmatch(self.cookie_name):
-            raise ValueError(f"cookie_name {self.cookie_name!r} is not a valid cookie name token")
-        if not (math.isfinite(self.lifetime) and self.lifetime > 0):
-            raise ValueError(
-                f"lifetime must be a positive number of seconds, not {self.lifetime!r}"
+        name = self.cookie_name
+        if not (isinstance(name, str) and _COOKIE_NAME_RE.fullmatch(name)):
+            raise InvalidArgumentError(
+                f"cookie_name {name!r} is not a cookie name token: use letters, digits and "
+                "!#$%&'*+-.^_`|~"
+            )
+        lifetime = self.lifetime
+        if not (_is_number(lifetime) and 0 < lifetime <= MAX_LIFETIME):
+            raise InvalidArgumentError(
+                f"lifetime must be a number of seconds above 0 and at most {MAX_LIFETIME:.0f} "
+                f"(400 days, as long as browsers keep a cookie), not {lifetime!r}"
             )
         threshold = self.refresh_threshold
-        if threshold is not None and not (0 <= threshold <= self.lifetime):
-            raise ValueError(
-                f"refresh_threshold must be between 0 and lifetime ({self.lifetime}) seconds, "
-                f"not {threshold!r}"
+        if threshold is not None and not (_is_number(threshold) and 0 <= threshold <= lifetime):
+            raise InvalidArgumentError(
+                f"refresh_threshold must be None or between 0 and lifetime ({lifetime}) "
+                f"seconds, not {threshold!r}"
             )
+        for flag in ("secure", "httponly"):
+            if not isinstance(getattr(self, flag), bool):
+                raise InvalidArgumentError(
+                    f"{flag} must be True or False, not {getattr(self, flag)!r}"
+                )
         if self.samesite not in ("Lax", "Strict", "None", None):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"samesite must be 'Lax', 'Strict', 'None' or None, not {self.samesite!r}"
             )
         if self.samesite == "None" and not self.secure:
-            raise ValueError("samesite='None' requires secure=True; browsers reject it otherwise")
-        if not self.path.startswith("/"):
-            raise ValueError(f"path must start with '/', not {self.path!r}")
-        if self.domain is not None and ("\r" in self.domain or "\n" in self.domain):
-            # werkzeug's Headers refused such a Set-Cookie on every response; refuse it once.
-            raise ValueError(f"domain must not contain a line break: {self.domain!r}")
+            raise InvalidArgumentError(
+                "samesite='None' requires secure=True; browsers reject it otherwise"
+            )
+        path = self.path
+        if not (isinstance(path, str) and path.startswith("/")) or _BAD_PATH_RE.search(path):
+            raise InvalidArgumentError(
+                f"path must be a str starting with '/' without ';' or control characters, "
+                f"not {path!r}"
+            )
+        if self.domain is not None:
+            if not isinstance(self.domain, str):
+                raise InvalidArgumentError(
+                    f"domain must be a str or None, not {type(self.domain).__name__}"
+                )
+            _check_domain(self.domain)
+        # Browsers drop a prefixed cookie that breaks its prefix's rules, silently.
+        if name.lower().startswith(("__secure-", "__host-")) and not self.secure:
+            raise InvalidArgumentError(f"cookie_name {name!r} requires secure=True")
+        if name.lower().startswith("__host-") and (self.domain is not None or path != "/"):
+            raise InvalidArgumentError(f"cookie_name {name!r} requires domain=None and path='/'")
+        if not isinstance(self.key_prefix, str):
+            raise InvalidArgumentError(
+                f"key_prefix must be a str, not {type(self.key_prefix).__name__}"
+            )
+        if self.secret is not None:
+            _secret_bytes(self.secret)
 
     @property
     def threshold(self) -> float:
@@ -241,16 +364,31 @@ def _same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+# No session we write expires this late; the bound keeps float() of a stored int finite.
+_FAR_FUTURE = 2.0**53
+
+
 def _parse_stored(value: Any, now: float) -> tuple[dict[str, Any], float, list[Any]] | None:
-    """Return (data, expires, flashes) of a stored value, or None if unusable or expired."""
+    """Return (data, expires, flashes) of a stored value, or None if unusable or expired.
+
+    Anything may be stored under a session's key (by another writer of the
+    store): a value of any other shape, a NaN, infinite or huge expiry, or
+    flashes that are not [category, message] pairs never raise later.
+    """
     if not isinstance(value, dict):
         return None
     data, expires, flashes = value.get(_DATA), value.get(_EXPIRES), value.get(_FLASHES)
-    if not isinstance(data, dict) or not isinstance(expires, (int, float)) or expires <= now:
+    if not (isinstance(data, dict) and _is_number(expires) and now < expires < _FAR_FUTURE):
         return None
     if not isinstance(flashes, list):
         flashes = []  # also when absent
+    elif flashes and not all(_is_flash(item) for item in flashes):
+        flashes = [item for item in flashes if _is_flash(item)]
     return data, float(expires), flashes
+
+
+def _is_flash(item: Any) -> bool:
+    return type(item) is list and len(item) == 2 and type(item[0]) is str
 
 
 class Session(MutableMapping[str, Any]):
@@ -291,9 +429,13 @@ class Session(MutableMapping[str, Any]):
             return
         self._loaded = True
         now = _clock()
-        for sid in self._candidates[:_MAX_COOKIE_CANDIDATES]:
+        tries = 0
+        for sid in self._candidates:
             if not (isinstance(sid, str) and _SESSION_ID_RE.fullmatch(sid)):
-                continue
+                continue  # costs a regex match: junk is skipped, not counted
+            tries += 1
+            if tries > _MAX_COOKIE_CANDIDATES:
+                break
             parsed = _parse_stored(self._manager.fetch(sid), now)
             if parsed is not None:
                 self._sid, self._new = sid, False
@@ -481,7 +623,14 @@ class Session(MutableMapping[str, Any]):
     # -- flash messages ---------------------------------------------------------
 
     def flash(self, message: Any, category: str = "message") -> None:
-        """Queue ``message`` (serialisable, usually str) to show on a later request."""
+        """Queue ``message`` (serialisable, usually str) to show on a later request.
+
+        Raises InvalidArgumentError if ``category`` is not a str.
+        """
+        if type(category) is not str:
+            raise InvalidArgumentError(
+                f"flash category must be a str, not {type(category).__name__}"
+            )
         self._load()
         self._new_flashes = (*self._new_flashes, [category, message])
 
@@ -539,6 +688,11 @@ class SessionManager:
         self.store = store
         self.options = options
         self._prefix = options.key_prefix
+        self._id_key: bytes | None = None
+        if options.secret is not None:
+            self._id_key = hashlib.blake2b(
+                _secret_bytes(options.secret), digest_size=32, person=_SECRET_PERSON
+            ).digest()
         self._lifetime = options.lifetime
         self._threshold = options.threshold
         self._max_age = math.ceil(options.lifetime)
@@ -575,12 +729,23 @@ class SessionManager:
         """Return the (lazily loaded) session for the request's cookie values."""
         return Session(self, cookie_values)
 
+    def store_key(self, sid: str) -> str:
+        """The store key of session id ``sid``: ``key_prefix`` + 64 hex digits of a
+        one-way digest of it (keyed BLAKE2b-256 with a secret, else SHA-256)."""
+        raw = sid.encode()
+        key = self._id_key
+        if key is None:
+            return self._prefix + hashlib.sha256(raw).hexdigest()
+        return self._prefix + hashlib.blake2b(raw, key=key, digest_size=32).hexdigest()
+
     def fetch(self, sid: str) -> Any:
         """Return the stored value for ``sid``, or None (also for undecodable values)."""
         try:
-            return self.store.get(self._prefix + sid)
+            return self.store.get(self.store_key(sid))
         except SerializationError as e:
-            reason = str(e).replace(sid, "<id>")  # never log a session id
+            # A serializer's complaint may quote the stored value, which an app may
+            # have made hold the id: never log a session id.
+            reason = str(e).replace(sid, "<id>")
             log.warning("stored session could not be read (%s); starting a new session", reason)
             return None
 
@@ -598,7 +763,8 @@ class SessionManager:
         try:
             cookie = self._save(session)
         except SessionStoreError as e:
-            # The store's message names the key, which holds the secret id: redact it.
+            # The store's message names the key (a digest: no secret) and may quote
+            # a value, which an app may have made hold the id: never log a session id.
             reason = str(e).replace(session._sid, "<id>")
             log.error(
                 "session not saved, answering 500: %s: %s (changed keys: %s). "
@@ -624,19 +790,19 @@ class SessionManager:
         rotated or changed session, or a sliding refresh), so its Max-Age and
         Expires always match the server's; and when an invalidation expires it.
         """
-        store, prefix, lifetime = self.store, self._prefix, self._lifetime
+        store, key_of, lifetime = self.store, self.store_key, self._lifetime
         now = _clock()
         expires = now + lifetime
         if s._new or s._rotated:
             flashes = s._remaining_flashes()
             if s._new and not s._data and not flashes:
                 for sid in s._dead_ids:
-                    store.delete(prefix + sid)
+                    store.delete(key_of(sid))
                 return self._expired_cookie() if s._invalidated else None
             value = {_DATA: s._data, _EXPIRES: expires, _FLASHES: flashes}
-            store.set(prefix + s._sid, value, expire=lifetime)
+            store.set(key_of(s._sid), value, expire=lifetime)
             for sid in s._dead_ids:
-                store.delete(prefix + sid)
+                store.delete(key_of(sid))
             return self._cookie(s._sid, expires)
         # Neither new, rotated nor invalidated (that makes it new): this is `modified`.
         # Keys only enter _data through __setitem__, which records them in _set_keys:
@@ -670,7 +836,7 @@ class SessionManager:
         else:
             return None
         try:
-            store.get_and_set(prefix + s._sid, merge, expire=lifetime)
+            store.get_and_set(key_of(s._sid), merge, expire=lifetime)
         except _Vanished:
             log.info("session ended by another request before this one saved; changes dropped")
             return None

@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, Any
 from werkzeug.exceptions import HTTPException, InternalServerError
 from werkzeug.wrappers import Request, Response
 
-from ._session import Session, SessionManager, SessionOptions, SessionStore, cookie_values
+from ._session import (
+    Session,
+    SessionManager,
+    SessionOptions,
+    SessionStore,
+    request_cookie_values,
+)
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -44,8 +50,9 @@ def with_session(
     Shaped like werkzeug's ``Request.application``: an HTTPException raised by
     ``f`` becomes its response, and ``f`` may be a method (``self, request``).
     ``options`` are :class:`SessionOptions` fields (TypeError for unknown
-    names, ValueError for bad values).  The wrapped app's ``session_store``
-    attribute is ``store``, so a gunicorn ``post_fork`` hook can reopen it.
+    names, InvalidArgumentError, also a ValueError, for bad values).  The
+    wrapped app's ``session_store`` attribute is ``store``, so a gunicorn
+    ``post_fork`` hook can reopen it.
     """
     manager = SessionManager(store, SessionOptions(**options))
     cookie_name = manager.options.cookie_name
@@ -56,8 +63,7 @@ def with_session(
             environ: WSGIEnvironment = args[-2]
             start_response: StartResponse = args[-1]
             request = SessionRequest(environ)
-            # The Cookie header as werkzeug's request.cookies reads it, without its MultiDict.
-            session = manager.open(cookie_values(environ.get("HTTP_COOKIE"), cookie_name))
+            session = manager.open(request_cookie_values(environ.get("HTTP_COOKIE"), cookie_name))
             request.session = session
             with request:
                 try:
@@ -100,12 +106,11 @@ class SessionMiddleware:
         self.app = app
         self.session_store = store
         self.manager = SessionManager(store, SessionOptions(**options))
+        self.cookie_name = self.manager.options.cookie_name
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        header = environ.get("HTTP_COOKIE")
-        if header and not header.isascii():
-            header = header.encode("latin1").decode()  # what werkzeug.http.parse_cookie does
-        session = self.manager.open(cookie_values(header, self.manager.options.cookie_name))
+        cookies = request_cookie_values(environ.get("HTTP_COOKIE"), self.cookie_name)
+        session = self.manager.open(cookies)
         environ[ENVIRON_KEY] = session
         call = _Call(self.manager, session, start_response)
         app_iter = self.app(environ, call.start_response)  # an exception here saves nothing
@@ -133,7 +138,7 @@ class _Call:
         self.started = True
         try:
             code = int(status.split(None, 1)[0])
-        except ValueError:
+        except (ValueError, IndexError):  # not "NNN reason": the server will refuse it anyway
             code = 500
         extra = self.manager.finish(self.session, code)
         if extra is None:

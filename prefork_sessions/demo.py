@@ -10,6 +10,8 @@ Run it with ``gunicorn -c gunicorn_conf.py`` (the config's default app), then::
 The store file's path and size come from the environment variables that
 gunicorn_conf.py also reads (``PREFORK_SESSIONS_PATH``, ``PREFORK_SESSIONS_SIZE``);
 ``PREFORK_SESSIONS_REDIS_URL`` selects a RedisStore on that server instead.
+``PREFORK_SESSIONS_SECRET`` (at least 32 bytes, the same for every worker) keys
+the digest the store files sessions under; unset, a plain SHA-256 of the id.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import orjson
 from werkzeug.exceptions import NotFound
 from werkzeug.wrappers import Response
 
+from ._errors import InvalidArgumentError
 from ._redis import RedisStore
+from ._session import MIN_SECRET_BYTES
 from ._store import MmapStore
 from ._wsgi import SessionRequest, with_session
 
@@ -31,6 +35,8 @@ SIZE_ENV = "PREFORK_SESSIONS_SIZE"
 """Store size in bytes, used when the file is created."""
 REDIS_ENV = "PREFORK_SESSIONS_REDIS_URL"
 """A redis:// URL: keep the sessions in Redis instead of the file."""
+SECRET_ENV = "PREFORK_SESSIONS_SECRET"
+"""Secret for the session-id digest (``SessionOptions.secret``); unset or empty: none."""
 APP_NAME = "prefork_sessions_demo"
 DEFAULT_SIZE = 16 << 20
 
@@ -44,6 +50,25 @@ def store_size(environ: Mapping[str, str] = os.environ) -> int:
         raise ValueError(
             f"{SIZE_ENV}={raw!r}: give the store size in bytes, e.g. {DEFAULT_SIZE}"
         ) from None
+
+
+def session_secret(environ: Mapping[str, str] = os.environ) -> bytes | None:
+    """The secret from ``PREFORK_SESSIONS_SECRET`` (its bytes), or None when unset or empty.
+
+    Raises InvalidArgumentError, naming the variable but never its value, when it
+    is shorter than MIN_SECRET_BYTES.
+    """
+    raw = environ.get(SECRET_ENV)
+    if not raw:
+        return None
+    secret = os.fsencode(raw)  # the variable's own bytes, even if they are not UTF-8
+    if len(secret) < MIN_SECRET_BYTES:
+        raise InvalidArgumentError(
+            f"{SECRET_ENV} is {len(secret)} bytes, shorter than {MIN_SECRET_BYTES}: set it to a "
+            "random string, the same for every worker, e.g. the output of "
+            "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    return secret
 
 
 def open_store(environ: Mapping[str, str] = os.environ) -> MmapStore | RedisStore:
@@ -62,7 +87,7 @@ def _json(value: object, status: int = 200) -> Response:
     return Response(orjson.dumps(value), status=status, mimetype="application/json")
 
 
-@with_session(store)
+@with_session(store, secret=session_secret())
 def app(request: SessionRequest) -> Response:
     """GET / counts visits; /login rotates the id; /logout ends the session; /stats."""
     session = request.session
