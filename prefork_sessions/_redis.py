@@ -12,9 +12,9 @@ import math
 from collections.abc import Callable, Iterator
 from typing import Any, Self
 
-from ._errors import StoreClosedError, ValueTooLargeError
+from ._args import key_bytes, lifetime, timeout
+from ._errors import InvalidArgumentError, StoreClosedError, ValueTooLargeError
 from ._serializers import CallbackThreads, Codec
-from ._store import lifetime
 
 __all__ = ["RedisStore"]
 
@@ -27,7 +27,10 @@ class RedisStore:
 
     ``url`` is a redis-py URL (``redis://127.0.0.1:6379/0``), or pass ``client``.
     ``expire`` is the default lifetime in seconds (0 = never); ``serializer`` as
-    for MmapStore.  ``prefix`` namespaces the keys (it may not be empty).
+    for MmapStore.  ``prefix`` (str or bytes) namespaces the keys (it may not be
+    empty).  ``socket_timeout`` (seconds; None: wait as long as redis-py does,
+    without bound) bounds each call's wait for the server, for a client made
+    from ``url``.  Bad arguments raise InvalidArgumentError.
     """
 
     def __init__(
@@ -35,38 +38,48 @@ class RedisStore:
         url: str = "redis://127.0.0.1:6379/0",
         *,
         client: Any = None,
-        prefix: str = DEFAULT_PREFIX,
+        prefix: str | bytes = DEFAULT_PREFIX,
         expire: float = 0,
         serializer: Any = "json",
+        socket_timeout: float | None = None,
     ) -> None:
         import redis
 
-        if not prefix:
-            raise ValueError("prefix may not be empty: clear() would empty the whole Redis database")
+        if not isinstance(url, str):
+            raise InvalidArgumentError(f"url={url!r}: give a redis:// URL as a str")
+        self._prefix = key_bytes(prefix)[0]
+        if not self._prefix:
+            raise InvalidArgumentError("prefix may not be empty: clear() would empty the whole Redis database")
+        self._expire = lifetime(expire)
+        self._codec = Codec(serializer)
+        self._socket_args: dict[str, float] = {}
+        if socket_timeout is not None:
+            if client is not None:
+                raise InvalidArgumentError(
+                    "socket_timeout applies to the client made from url; set it on the client you pass"
+                )
+            seconds = timeout(socket_timeout, "socket_timeout")
+            self._socket_args = {"socket_timeout": seconds, "socket_connect_timeout": seconds}
         self._redis = redis
         self.url = url
-        self._client: Any = client if client is not None else redis.Redis.from_url(url)
+        self._client: Any = client if client is not None else self._connect()
         self._owns_client = client is None
-        self._prefix = prefix.encode()
-        self._codec = Codec(serializer)
         self.serializer = self._codec.name
-        self._expire = lifetime(expire)
         self._busy = CallbackThreads()
         self._hits = self._misses = 0
         self._closed = False
 
     # ------------------------------------------------------------------ helpers
 
-    def _k(self, key: str | bytes) -> bytes:
+    def _k(self, key: object) -> bytes:
         if self._closed:
             raise StoreClosedError("store is closed; call reopen() to use it again")
         if self._busy:
             self._busy.check()
-        if isinstance(key, str):
-            return self._prefix + key.encode()
-        if isinstance(key, (bytes, bytearray, memoryview)):
-            return self._prefix + bytes(key)
-        raise TypeError(f"keys are str or bytes, not {type(key).__name__}")
+        return self._prefix + key_bytes(key)[0]
+
+    def _connect(self) -> Any:
+        return self._redis.Redis.from_url(self.url, **self._socket_args)
 
     def _encode(self, key: object, value: Any) -> bytes:
         vb = self._codec.encode(key, value)
@@ -90,7 +103,7 @@ class RedisStore:
         return self._codec.decode(raw, self.url)
 
     def __contains__(self, key: object) -> bool:
-        return bool(self._client.exists(self._k(key)))  # type: ignore[arg-type]
+        return bool(self._client.exists(self._k(key)))
 
     def set(self, key: str | bytes, value: Any, expire: float | None = None) -> None:
         """Store ``value``; ``expire`` in seconds (None: store default; 0: never)."""
@@ -185,7 +198,7 @@ class RedisStore:
         """Reconnect (redis-py already replaces its connections in a forked child)."""
         if self._owns_client:
             self._client.close()
-            self._client = self._redis.Redis.from_url(self.url)
+            self._client = self._connect()
         self._closed = False
 
     def close(self) -> None:

@@ -3,15 +3,16 @@
 
 from __future__ import annotations
 
+import enum
+import math
 import pickle
 import threading
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import orjson
 
-from ._errors import ReentrantCallError, SerializationError
+from ._errors import InvalidArgumentError, ReentrantCallError, SerializationError
 
 Dumps = Callable[[Any], bytes]
 Loads = Callable[[bytes], Any]
@@ -21,7 +22,31 @@ Loads = Callable[[bytes], Any]
 _JSON_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
 
 
-_json_dumps: Dumps = partial(orjson.dumps, option=_JSON_OPTIONS)
+
+
+def _json_dumps(value: Any) -> bytes:
+    out = orjson.dumps(value, option=_JSON_OPTIONS)
+    # orjson writes NaN and infinities as null without a word; look for them only
+    # when a null is there at all, so the common value costs one substring search.
+    if b"null" in out and _has_non_finite(value):
+        raise ValueError(
+            "NaN and infinity have no JSON form (orjson would store them as null); "
+            "store None or a string instead"
+        )
+    return out
+
+
+def _has_non_finite(value: Any) -> bool:
+    """Whether a NaN or infinite float is anywhere in what orjson serialised."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_has_non_finite(k) or _has_non_finite(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_has_non_finite(v) for v in value)
+    if isinstance(value, enum.Enum):
+        return _has_non_finite(value.value)
+    return False
 
 
 def _raw_dumps(value: Any) -> bytes:
@@ -46,16 +71,31 @@ def resolve(spec: Any) -> tuple[str, Dumps, Loads | None]:
         return "pickle", _pickle_dumps, pickle.loads
     hint = "use 'json', 'raw', 'pickle' or an object with dumps() and loads()"
     if isinstance(spec, str):
-        raise ValueError(f"unknown serializer {spec!r}: {hint}")
+        raise InvalidArgumentError(f"unknown serializer {spec!r}: {hint}")
     if not (callable(getattr(spec, "dumps", None)) and callable(getattr(spec, "loads", None))):
-        raise TypeError(f"serializer {spec!r} has no dumps()/loads(): {hint}")
+        raise InvalidArgumentError(f"serializer {spec!r} has no dumps()/loads(): {hint}")
     custom_dumps, custom_loads = spec.dumps, spec.loads
 
     def dumps(value: Any) -> bytes:
         out = custom_dumps(value)
-        return out.encode() if isinstance(out, str) else bytes(out)
+        if isinstance(out, bytes):
+            return out
+        if isinstance(out, (bytearray, memoryview)):
+            return bytes(out)
+        if isinstance(out, str):
+            return out.encode()
+        # bytes(out) would accept an int (5 -> five zero bytes) or any iterable of ints
+        raise TypeError(f"its dumps() returned {type(out).__name__}; it must return bytes (or str)")
 
     return getattr(spec, "__name__", type(spec).__name__), dumps, custom_loads
+
+
+_ENCODE_HINTS = {
+    "json": "Store JSON-compatible values (dict, list, str, int, finite float, bool, None), "
+    "or choose serializer='pickle' or a custom serializer.",
+    "raw": "serializer='raw' stores bytes as they are: encode the value first.",
+    "pickle": "Store values that pickle can serialise.",
+}
 
 
 class Codec:
@@ -85,10 +125,10 @@ class Codec:
             raise self.decode_error(where, e) from e
 
     def encode_error(self, key: object, e: Exception) -> SerializationError:
+        hint = _ENCODE_HINTS.get(self.name, "Make the serializer's dumps() return bytes for every value stored.")
+        shown = repr(key) if len(repr(key)) <= 80 else repr(key)[:77] + "..."
         return SerializationError(
-            f"cannot store the value for {key!r} with serializer {self.name!r}: {e}. "
-            "Store JSON-compatible values (dict, list, str, int, float, bool, None), "
-            "or choose serializer='pickle' or a custom serializer."
+            f"cannot store the value for {shown} with serializer {self.name!r}: {e}. {hint}"
         )
 
     def decode_error(self, where: str, e: Exception) -> SerializationError:

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _procs import fork, wait_ok
 
 from prefork_sessions import (
+    InvalidArgumentError,
     MmapStore,
     RedisStore,
     ReentrantCallError,
     SerializationError,
+    SessionStoreError,
     StoreClosedError,
+    ValueTooLargeError,
 )
+from prefork_sessions._args import MAX_LIFETIME, MAX_TIMEOUT, lifetime
 
 Store = MmapStore | RedisStore
 
@@ -118,3 +125,213 @@ def test_closed_store_raises_and_reopen_revives(any_store: Store) -> None:
 def test_redis_store_refuses_an_empty_prefix(redis_url: str) -> None:
     with pytest.raises(ValueError, match="prefix"):
         RedisStore(redis_url, prefix="")
+
+
+# ---------------------------------------------------------------- bad input, refused alike by both
+
+
+@pytest.fixture(params=["mmap", "redis"])
+def make_any(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Store]]:
+    """A factory for stores of one kind with extra keyword arguments (closed at teardown)."""
+    made: list[Store] = []
+
+    def make(**kw: Any) -> Store:
+        store: Store
+        if request.param == "mmap":
+            store = MmapStore(tmp_path / f"s{len(made)}", cache_size=1 << 20, page_size=16 << 10, **kw)
+        else:
+            url = request.getfixturevalue("redis_url")
+            store = RedisStore(url, prefix=f"test:{uuid.uuid4().hex}:", **kw)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        store.close()
+
+
+class Text(str):
+    """A str subclass, as frameworks hand them out (markupsafe.Markup, Django's SafeString)."""
+
+
+def test_keys_may_be_str_subclasses_and_any_bytes_like(any_store: Store) -> None:
+    any_store.set(Text("sub"), 1)
+    assert any_store.get("sub") == 1 and any_store.get(Text("sub")) == 1 and Text("sub") in any_store
+    assert any_store.get_and_set(Text("sub"), lambda v: v + 1) == 2
+    assert any_store.delete(Text("sub")) is True and "sub" not in any_store
+    any_store.set(bytearray(b"ba"), 3)
+    assert any_store.get(b"ba") == 3 and any_store.get(memoryview(b"ba")) == 3
+    assert any_store.get("x" * 65535, "default") == "default"  # the longest key is a key
+    assert any_store.get(b"x" * 65535, "default") == "default"
+
+
+OPERATIONS: dict[str, Callable[[Store, Any], object]] = {
+    "get": lambda s, k: s.get(k, "default"),
+    "set": lambda s, k: s.set(k, "new"),
+    "delete": lambda s, k: s.delete(k),
+    "contains": lambda s, k: k in s,
+    "get_and_set": lambda s, k: s.get_and_set(k, lambda v: "new"),
+}
+BAD_KEYS = [
+    pytest.param("a\udc80b", InvalidArgumentError, id="lone-surrogate"),
+    pytest.param(Text("\ud800"), InvalidArgumentError, id="str-subclass-surrogate"),
+    pytest.param(5, InvalidArgumentError, id="int"),
+    pytest.param(None, InvalidArgumentError, id="None"),
+    pytest.param("x" * 65536, ValueTooLargeError, id="str-65536-bytes"),
+    pytest.param("\u00e9" * 32768, ValueTooLargeError, id="str-65536-utf8-bytes"),
+    pytest.param(b"x" * 65536, ValueTooLargeError, id="bytes-65536"),
+    pytest.param(bytearray(70000), ValueTooLargeError, id="bytearray-70000"),
+]
+
+
+@pytest.mark.parametrize("op", OPERATIONS)
+@pytest.mark.parametrize("key, error", BAD_KEYS)
+def test_a_bad_key_is_refused_alike_by_every_operation(
+    any_store: Store, op: str, key: object, error: type[Exception]
+) -> None:
+    any_store.set("other", "kept")
+    with pytest.raises(error) as err:
+        OPERATIONS[op](any_store, key)
+    assert isinstance(err.value, SessionStoreError)
+    assert isinstance(err.value, TypeError if key is None or isinstance(key, int) else ValueError)
+    assert any_store.get("other") == "kept" and len(any_store) == 1
+
+
+BAD_EXPIRES = [
+    "10", b"10", True, False, math.nan, -1, -0.5, -math.inf, 10**400, Fraction(10**400), 1e300,
+    MAX_LIFETIME * 1.01, [10], complex(1, 0),
+]
+
+
+@pytest.mark.parametrize("expire", BAD_EXPIRES, ids=repr)
+def test_a_bad_expire_is_refused_and_changes_nothing(
+    make_any: Callable[..., Store], expire: object
+) -> None:
+    store = make_any()
+    store.set("k", "old")
+    with pytest.raises(InvalidArgumentError, match="expire"):
+        store.set("k", "new", expire=expire)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="expire"):
+        store.get_and_set("k", lambda v: "new", expire=expire)  # type: ignore[arg-type]
+    assert store.get("k") == "old"
+    with pytest.raises(InvalidArgumentError, match="expire"):
+        make_any(expire=expire)
+
+
+@pytest.mark.parametrize("expire", [None, 0, math.inf, 0.5, 7, Fraction(3, 2), MAX_LIFETIME], ids=repr)
+def test_every_sane_expire_is_taken(make_any: Callable[..., Store], expire: object) -> None:
+    store = make_any(expire=expire)
+    store.set("k", 1, expire=expire)  # type: ignore[arg-type]
+    assert store.get_and_set("k", lambda v: v + 1, expire=expire) == 2  # type: ignore[arg-type]
+    assert store.get("k") == 2
+
+
+def test_lifetime_keeps_its_meaning() -> None:
+    """The one lifetime() both stores use: 0.0 means never."""
+    assert [lifetime(e) for e in (None, 0, 0.0, math.inf, 5, 2.5)] == [0.0, 0.0, 0.0, 0.0, 5.0, 2.5]
+    assert type(lifetime(5)) is float
+
+
+NOT_JSON = [math.nan, math.inf, -math.inf, [1, math.nan], {"a": {"b": (math.inf,)}}, {math.nan: 1}]
+
+
+@pytest.mark.parametrize("value", NOT_JSON, ids=repr)
+def test_json_refuses_nan_and_infinity_instead_of_storing_null(any_store: Store, value: object) -> None:
+    any_store.set("k", {"kept": None})
+    with pytest.raises(SerializationError, match="NaN and infinity"):
+        any_store.set("k", value)
+    with pytest.raises(SerializationError, match="NaN and infinity"):
+        any_store.get_and_set("k", lambda v: value)
+    assert any_store.get("k") == {"kept": None}
+
+
+class Custom:
+    """A custom serializer whose dumps() returns whatever it is told to."""
+
+    def __init__(self, out: object) -> None:
+        self.out = out
+
+    def dumps(self, value: object) -> object:
+        return self.out
+
+    def loads(self, raw: bytes) -> object:
+        return raw
+
+
+@pytest.mark.parametrize("out", [5, [104, 105], None, 1.5, {"a": 1}], ids=repr)
+def test_a_custom_dumps_returning_no_bytes_is_refused(make_any: Callable[..., Store], out: object) -> None:
+    store = make_any(serializer=Custom(out))
+    with pytest.raises(SerializationError, match=f"returned {type(out).__name__}; it must return bytes"):
+        store.set("k", "anything")
+    with pytest.raises(SerializationError):
+        store.get_and_set("k", lambda v: "anything")
+    assert "k" not in store
+
+
+@pytest.mark.parametrize("out", [b"hi", bytearray(b"hi"), memoryview(b"hi"), "hi"],
+                         ids=["bytes", "bytearray", "memoryview", "str"])
+def test_a_custom_dumps_may_return_bytes_like_or_str(make_any: Callable[..., Store], out: object) -> None:
+    store = make_any(serializer=Custom(out))
+    store.set("k", "anything")
+    assert store.get("k") == b"hi"
+
+
+@pytest.mark.parametrize("spec", ["yaml", object(), 5], ids=["name", "object", "int"])
+def test_an_unknown_serializer_is_refused(make_any: Callable[..., Store], spec: object) -> None:
+    with pytest.raises(InvalidArgumentError, match="use 'json', 'raw', 'pickle' or an object"):
+        make_any(serializer=spec)
+
+
+# ---------------------------------------------------------------- constructor arguments
+
+
+BAD_TIMEOUTS = [math.inf, math.nan, 0, -1, "1", True, 10**400, MAX_TIMEOUT * 2, None]
+
+
+@pytest.mark.parametrize("value", BAD_TIMEOUTS, ids=repr)
+def test_mmap_store_refuses_a_bad_lock_timeout(tmp_path: Path, value: object) -> None:
+    with pytest.raises(InvalidArgumentError, match="lock_timeout"):
+        MmapStore(tmp_path / "s", cache_size=1 << 20, page_size=16 << 10, lock_timeout=value)  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["cache_size", "page_size"])
+@pytest.mark.parametrize("value", [True, "65536", 65536.0, Fraction(65536), None, -65536, 0], ids=repr)
+def test_mmap_store_refuses_a_size_that_is_no_positive_int(tmp_path: Path, name: str, value: object) -> None:
+    kw: dict[str, Any] = {"cache_size": 1 << 20, "page_size": 16 << 10, name: value}
+    with pytest.raises(InvalidArgumentError, match=name):
+        MmapStore(tmp_path / "s", **kw)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", [t for t in BAD_TIMEOUTS if t is not None], ids=repr)
+def test_redis_store_refuses_a_bad_socket_timeout(redis_url: str, value: object) -> None:
+    with pytest.raises(InvalidArgumentError, match="socket_timeout"):
+        RedisStore(redis_url, socket_timeout=value)  # type: ignore[arg-type]
+
+
+def test_redis_store_socket_timeout_reaches_the_client(redis_url: str) -> None:
+    with RedisStore(redis_url, prefix=f"test:{uuid.uuid4().hex}:", socket_timeout=2.5) as store:
+        store.set("k", 1)
+        assert store.get("k") == 1
+        kwargs = store._client.connection_pool.connection_kwargs
+        assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (2.5, 2.5)
+        store.reopen()  # a new client, same timeout
+        assert store._client.connection_pool.connection_kwargs["socket_timeout"] == 2.5
+    import redis
+
+    with pytest.raises(InvalidArgumentError, match="set it on the client"):
+        RedisStore(client=redis.Redis.from_url(redis_url), socket_timeout=1)
+
+
+@pytest.mark.parametrize("prefix", ["", b"", 5, None, "a\udc80"], ids=repr)
+def test_redis_store_refuses_a_bad_prefix(redis_url: str, prefix: object) -> None:
+    with pytest.raises(InvalidArgumentError):
+        RedisStore(redis_url, prefix=prefix)  # type: ignore[arg-type]
+
+
+def test_redis_store_takes_a_bytes_prefix(redis_url: str) -> None:
+    prefix = f"test:{uuid.uuid4().hex}:".encode()
+    with RedisStore(redis_url, prefix=prefix) as store:
+        store.set("k", 1)
+        assert store.keys() == ["k"] and store._client.exists(prefix + b"k")
