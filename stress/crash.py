@@ -1,86 +1,307 @@
 #!/usr/bin/env python3
-"""Crash: writer processes SIGKILLed at random moments, over and over, while the
-others keep writing, on a store with small pages (compaction and eviction run).
+"""Crash: writer processes SIGKILLed over and over, in every kind of store operation,
+while the others keep writing; keys nobody touches must survive every kill.
 
 Each of --processes writer slots owns its own keys (so "the last acknowledged
-value" of a key is well defined) but they all share pages.  A writer does a
-seeded mix of set, delete and get_and_set on its keys, plus short-lived filler
-writes, and reports every operation through a pipe twice: in flight, then
-acknowledged.  The supervisor drains every pipe, kills a random writer every
-few milliseconds, reaps it, checks its keys and starts a new writer in its slot.
+value" of a key is well defined) but they all share pages.  A writer runs a
+seeded mix of set (insert and overwrite), get_and_set, delete, purge, check()
+and filler writes (short-lived ones, so purge and expiry have work; never-expiring
+ones, so pages fill with live entries and must evict; together they make pages
+compact often), plus set and clear() on a second, small store file (clear wipes
+every key, so it gets a file of its own: the first file's expectations stay
+exact).  It reports every operation through a pipe twice: in flight, then
+acknowledged, with a timestamp.  It also shows in a shared status byte the
+operation it is in and the internal phases it is inside: making room, evicting
+live entries, compacting, repairing a page a dead writer left mid-change.
 
-Invariants: every key reads back as its last acknowledged value or the value in
-flight when its writer died (checked after every kill, and for all keys at the
-end), or is missing because one of its two pages had to evict live entries for
-room since the key was last checked (the page's eviction counter says so; counted
-as "evicted (LRU)", not a loss; the default sizes make this rare); every value read carries a valid checksum; writers die only by our
-SIGKILL; recovered_pages > 0 over the run (kills did land mid-write);
-store.check() == [].
+The supervisor hunts: it picks an operation or phase (the ones with fewest kills
+first, or at random) and orders it through shared memory; each writer, entering
+that step, arms a POSIX timer that SIGKILLs it at a random instant within the
+step's usual length (the kernel delivers it wherever the process is: a kill from
+outside, timed by a supervisor that a loaded machine deschedules, would miss steps
+of tens of microseconds).  For --random-kills of the kills the supervisor SIGKILLs
+a random writer at a random instant itself.  The page a victim left mid-change is
+repaired by its next locker (--checkers processes walk the whole file with check()
+and purge(), so within milliseconds), and a writer starting a repair also arms its
+timer with --repair-kills chance: writers die while repairing what the previous
+victim left, and the next one repairs that.  After each death the supervisor reaps
+the writer, counts the kill under the operation and the phases that were in
+flight (as the pipe and the status byte say), verifies, and starts a new writer in
+the slot.
 
-    python stress/crash.py --processes 4 --seconds 60 --seed 1
+Bystanders: before the writers start, the supervisor writes --bystanders-per-page
+keys into every page (written once, never by a writer).  After every kill, and at
+the end, each must read back as exactly its value.  One may vanish only through
+LRU eviction: a page's eviction counter bounds how many keys last seen in it may
+be missing since the counter was read before they were last seen (an evicted
+bystander is written again).
+
+Invariants: no bystander lost; every key of the killed writer reads as its last
+acknowledged value or the one in flight, or is missing because one of its pages
+evicted since it was last checked; a key of the clear() file may also be missing
+when a clear() was in flight or ended after its last write began (timestamps,
+CLOCK_MONOTONIC); every value read is one its writer wrote; writers die only by
+a SIGKILL (ours, or its own timer); concurrent check() calls find nothing (but a key that moved between
+its two pages while check() walked them); recovered_pages > 0; every operation and
+phase got at least --min-kills kills; store.check() == [] on both files at the end.
+
+--impl both (the default) runs the whole program once per implementation, each in
+a fresh interpreter (PREFORK_SESSIONS_PURE=1 for python), then prints both tables
+side by side; --seconds and --timeout apply to each.
+
+    python stress/crash.py --impl both --seconds 60 --seed 1
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import json
 import mmap
 import os
 import random
 import selectors
 import signal
 import struct
+import subprocess
 import sys
+import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import _common as C
 
-from prefork_sessions import MmapStore
-from prefork_sessions import _layout as L  # only to read the per-page eviction counters
+if TYPE_CHECKING:
+    from prefork_sessions import MmapStore
 
-REC = struct.Struct("<IIB")  # key index, version, op | IN_FLIGHT
-SET, DELETE, UPDATE = 0, 1, 2
+PURE_ENV = "PREFORK_SESSIONS_PURE"
+IMPLS = ("c", "python")
+
+# What a writer is doing: the low nibble of its status byte, and the op of a pipe record.
+IDLE = 0
+SET_INSERT, SET_OVERWRITE, GAS, DELETE, PURGE, CHECK, CLEAR, B_SET, FILLER, JUNK = range(1, 11)
+# Phases inside an operation: the high bits of the status byte.
+MAKE_ROOM, EVICT, COMPACT, REPAIR = 0x10, 0x20, 0x40, 0x80
+LABELS = {
+    SET_INSERT: "set (insert)",
+    SET_OVERWRITE: "set (overwrite)",
+    GAS: "get_and_set",
+    DELETE: "delete",
+    PURGE: "purge",
+    CHECK: "check()",
+    CLEAR: "clear() (second file)",
+    B_SET: "set (second file)",
+    FILLER: "filler set (expires)",
+    JUNK: "filler set (never expires)",
+    IDLE: "between operations",
+    MAKE_ROOM: "  in: making room",
+    EVICT: "  in: evicting live entries",
+    COMPACT: "  in: compaction",
+    REPAIR: "  in: repair of a dead writer's page",
+}
+OPS = [SET_INSERT, SET_OVERWRITE, GAS, DELETE, PURGE, CHECK, CLEAR, B_SET, FILLER, JUNK]
+PHASES = [MAKE_ROOM, EVICT, COMPACT, REPAIR]
+# The store's internal steps a writer marks in its status byte (private methods of
+# MmapStore, wrapped in the writer process only; one that is missing is reported).
+HOOKS = {"_make_room": MAKE_ROOM, "_compact": COMPACT, "_repair": REPAIR}
+# Writer op mix (relative weights).  Long operations (purge, check, clear) are rare:
+# the supervisor hunts for them, so they still get their share of kills.
+MIX = {SET_INSERT: 30, GAS: 18, DELETE: 10, FILLER: 16, JUNK: 10, B_SET: 5,
+       PURGE: 0.5, CHECK: 0.1, CLEAR: 1.5}
+# A checker owns no keys: it walks the whole file, so a page a dead writer left
+# mid-change is repaired (and a kill can land in that repair) within milliseconds.
+CHECKER_MIX = {CHECK: 3, PURGE: 1}
+
+REC = struct.Struct("<IIBQ")  # key index, version, op | IN_FLIGHT, CLOCK_MONOTONIC ns
 IN_FLIGHT = 0x80
+NOKEY = 0xFFFFFFFF
 U64 = struct.Struct("<Q")
-OP_NAMES = {SET: "set", DELETE: "delete", UPDATE: "get_and_set"}
+PR_SET_TIMERSLACK = 29
+MOVED = " is in pages "  # check()'s words for a key in two pages: racy while writers move keys
 
 
 def key_name(slot: int, k: int) -> str:
     return f"w{slot}:k{k}"
 
 
-def writer(store: MmapStore, slot: int, gen: int, version: int, w: int, ns: argparse.Namespace) -> None:
-    """Write forever (until killed): set / delete / get_and_set on our keys, plus fillers."""
-    rnd = random.Random(f"{ns.seed}:{slot}:{gen}")
-    bad = 0
-    while True:
+def b_key_name(slot: int, k: int) -> str:
+    return f"w{slot}:c{k}"
+
+
+# --------------------------------------------------------------------------- writer
+
+
+class SelfKill:
+    """A POSIX timer that SIGKILLs this process: the kernel delivers it at whatever
+    instruction the process is at.  For steps too short for the supervisor to see in
+    time on a loaded machine (a repair is tens of microseconds)."""
+
+    def __init__(self) -> None:
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._libc.prctl(PR_SET_TIMERSLACK, 1, 0, 0, 0)  # 1 ns, not 50 us: the delay is the one asked for
+        sev = ctypes.create_string_buffer(64)  # struct sigevent: sigval, signo, notify (SIGEV_SIGNAL = 0)
+        struct.pack_into("<qii", sev, 0, 0, signal.SIGKILL, 0)
+        self._timer = ctypes.c_void_p()
+        if self._libc.timer_create(time.CLOCK_MONOTONIC, sev, ctypes.byref(self._timer)):
+            raise OSError(ctypes.get_errno(), "timer_create")
+
+    def arm(self, seconds: float) -> None:
+        """SIGKILL after ``seconds`` (0: disarm)."""
+        ns = round(seconds * 1e9)
+        spec = struct.pack("<qqqq", 0, 0, ns // 10**9, ns % 10**9)  # struct itimerspec: interval, value
+        if self._libc.timer_settime(self._timer, 0, spec, None):
+            raise OSError(ctypes.get_errno(), "timer_settime")
+
+
+class Probe:
+    """In a writer: marks the store's internal steps in the writer's status byte while
+    they run (wrapping private methods of this process's MmapStore objects), and arms
+    the writer's SIGKILL inside the step the supervisor ordered (and inside some
+    repairs, unordered)."""
+
+    def __init__(self, status: mmap.mmap, orders: mmap.mmap, idx: int, rnd: random.Random,
+                 ns: argparse.Namespace) -> None:
+        self.status, self.orders, self.idx, self.rnd = status, orders, idx, rnd
+        self.repair_kills, self.phase_time = ns.repair_kills, ns.phase_time
+        self.timer = SelfKill()
+        self.armed_by = -1  # the op or phase whose end disarms the timer
+
+    def arm(self, by: int, seconds: float) -> None:
+        if self.armed_by < 0:
+            self.timer.arm(seconds)
+            self.armed_by = by
+
+    def disarm(self, by: int) -> None:
+        if self.armed_by == by:
+            self.timer.arm(0)
+            self.armed_by = -1
+
+    def install(self, store: MmapStore) -> list[str]:
+        """Wrap ``store``'s steps; returns the names it lacks (those are not tracked)."""
+        from prefork_sessions import _layout as L
+
+        status, orders, idx, rnd = self.status, self.orders, self.idx, self.rnd
+        missing = []
+        for name, bit in HOOKS.items():
+            real = getattr(store, name, None)
+            if real is None:
+                missing.append(name)
+                continue
+
+            def hooked(*a: Any, _real: Any = real, _bit: int = bit, **kw: Any) -> Any:
+                before = status[idx]
+                status[idx] = before | _bit
+                if orders[idx] == _bit or (_bit == REPAIR and rnd.random() < self.repair_kills):
+                    self.arm(_bit, rnd.uniform(1e-6, self.phase_time))
+                try:
+                    return _real(*a, **kw)
+                finally:
+                    self.disarm(_bit)
+                    status[idx] = before
+
+            setattr(store, name, hooked)
+        real_kill = getattr(store, "_kill", None)
+        if real_kill is None:
+            return [*missing, "_kill"]
+
+        def kill_hook(mm: mmap.mmap, po: int, so: int, eo: int) -> None:
+            """Inside make-room, removing an unexpired entry is an eviction."""
+            if status[idx] & MAKE_ROOM:
+                exp = L.ENTRY.unpack_from(mm, eo)[0]
+                if not exp or exp > time.time():
+                    status[idx] |= EVICT
+                    if orders[idx] == EVICT:
+                        self.arm(MAKE_ROOM, rnd.uniform(1e-6, self.phase_time))
+            real_kill(mm, po, so, eo)
+
+        store._kill = kill_hook  # in this writer process only
+        return missing
+
+
+def writer(sup: Supervisor, slot: Slot) -> None:
+    """Write forever (until killed, or until the supervisor is gone)."""
+    import prefork_sessions
+
+    ns, store, bstore, status, idx = sup.ns, sup.store, sup.bstore, sup.status, slot.index
+    assert prefork_sessions.ACCELERATED == (ns.impl == "c"), "writer got the other implementation"
+    if not slot.checker:  # the supervisor and the checker first: they must be prompt
+        os.nice(ns.nice)
+    rnd = random.Random(f"{ns.seed}:{slot.index}:{slot.gen}")
+    probe = Probe(status, sup.orders, idx, random.Random(rnd.random()), ns)
+    probe.install(store)
+    probe.install(bstore)
+    present = {k: v != 0 for k, v in slot.acked.items()}
+    version = slot.version
+    w = slot.wfd
+    mix = CHECKER_MIX if slot.checker else MIX
+    ops, weights = list(mix), list(mix.values())
+    bad: list[str] = []
+    sup_pid = sup.pid
+    durations = sup.durations  # as the supervisor measured them when it forked us
+
+    def report(k: int, op: int) -> None:
+        os.write(w, REC.pack(k, version, op, time.monotonic_ns()))
+
+    while os.getppid() == sup_pid:  # an orphan stops (the supervisor was killed)
         version += 1
-        k = rnd.randrange(ns.keys)
-        key = key_name(slot, k)
-        op = rnd.choices((SET, DELETE, UPDATE), (60, 10, 30))[0]
-        value = C.make_value(key, slot, version, rnd.randrange(ns.max_pad))
-        os.write(w, REC.pack(k, version, op | IN_FLIGHT))
-        if op == SET:
+        op = rnd.choices(ops, weights)[0]
+        k = NOKEY
+        if op in (SET_INSERT, GAS, DELETE):
+            k = rnd.randrange(ns.keys)
+            if op == DELETE and not present.get(k):
+                op = SET_INSERT
+            if op == SET_INSERT and present.get(k):
+                op = SET_OVERWRITE
+            key = key_name(idx, k)
+            value = C.make_value(key, idx, version, rnd.randrange(ns.max_pad))
+        elif op == B_SET:
+            k = rnd.randrange(ns.clear_keys)
+            key = b_key_name(idx, k)
+            value = C.make_value(key, idx, version, rnd.randrange(ns.max_pad // 3))
+        elif op in (FILLER, JUNK):
+            key = f"w{idx}:g{slot.gen}:f{version}"
+            value = C.make_value(key, idx, version, rnd.randrange(ns.max_pad))
+        report(k, op | IN_FLIGHT)
+        status[idx] = op
+        if sup.orders[idx] == op:
+            probe.arm(op, rnd.uniform(1e-6, durations[op]))
+        if op in (SET_INSERT, SET_OVERWRITE):
             store.set(key, value)
         elif op == DELETE:
             store.delete(key)
-        else:
-            def fn(old: object, key: str = key, value: dict = value) -> dict:
-                nonlocal bad
-                if old is not None and C.value_problem(key, old):
-                    bad += 1
+        elif op == GAS:
+            def fn(old: object, key: str = key, value: dict[str, Any] = value) -> dict[str, Any]:
+                if old is not None and (why := C.value_problem(key, old)):
+                    bad.append(why)
                 return value
             store.get_and_set(key, fn)
-        os.write(w, REC.pack(k, version, op))
+        elif op == B_SET:
+            bstore.set(key, value)
+        elif op == FILLER:
+            store.set(key, value, expire=rnd.uniform(0.02, ns.filler_life))
+        elif op == JUNK:
+            store.set(key, value, expire=0)
+        elif op == PURGE:
+            store.purge()
+        elif op == CLEAR:
+            bstore.clear()
+        elif op == CHECK:
+            found = [p for p in store.check() if MOVED not in p]
+            if found:
+                raise AssertionError(f"check() while writing: {found[:5]}")
+        probe.disarm(op)
+        status[idx] = IDLE
+        report(k, op)
+        if op in (SET_INSERT, SET_OVERWRITE, GAS, DELETE):
+            present[k] = op != DELETE
         if bad:
-            raise AssertionError(f"{key}: get_and_set saw a value that fails its checksum")
-        if rnd.random() < ns.filler:
-            # Short-lived churn under fresh keys: pages fill with entries that expire,
-            # so writers must make room (expired entries first) and compact.
-            f = f"w{slot}:g{gen}:f{version}"
-            store.set(f, C.make_value(f, slot, version, rnd.randrange(ns.max_pad // 2)),
-                      expire=ns.filler_life)
+            raise AssertionError(f"get_and_set saw a value that is not one we wrote: {bad[0]}")
+
+
+# --------------------------------------------------------------------------- supervisor
 
 
 @dataclass
@@ -88,75 +309,153 @@ class Slot:
     """One writer slot: the current process, its pipe, and what it acknowledged."""
 
     index: int
+    checker: bool = False  # runs check() and purge() only, owns no keys
     pid: int = 0
     fd: int = -1
+    wfd: int = -1  # the write end, in the child only
     buf: bytes = b""
     gen: int = 0
     version: int = 0  # highest version reported so far
     acked: dict[int, int] = field(default_factory=dict)  # key -> version (0: deleted)
-    in_flight: tuple[int, int] | None = None  # (key, version or 0 for a delete)
-    ops: int = 0
-    kills: int = 0
+    b_acked: dict[int, tuple[int, int]] = field(default_factory=dict)  # clear-file key -> (version, start ns)
+    in_flight: tuple[int, int, int, int] | None = None  # (op, key, version, start ns)
+    ev_seen: dict[int, int] = field(default_factory=dict)  # page -> evictions before the last reads
+    b_ev_seen: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class Tally:
+    """What one run counted (one implementation)."""
+
+    kills: Counter[int] = field(default_factory=Counter)  # op or phase -> kills landed in it
+    acked: Counter[int] = field(default_factory=Counter)  # op -> acknowledged
+    bystanders_lost: int = 0
+    pages_lost: int = 0  # (verify, page) pairs where every bystander was gone
+    own_lost: int = 0  # a killed writer's acknowledged value gone
+    wrong: int = 0  # values that are not the expected one
+    evicted: int = 0  # missing keys explained by their page's eviction counter
+    bystanders_evicted: int = 0  # of which bystanders (written again)
+    cleared: int = 0  # clear-file keys missing after a clear()
     landed: int = 0  # in-flight writes found applied after the kill
-    checked: int = 0
-    evicted: int = 0  # keys found missing where their page evicted a live entry
-    evictions_seen: dict[int, int] = field(default_factory=dict)  # page -> counter at last verify
+    verified: int = 0  # key reads checked
+    unexpected: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
-    def feed(self, data: bytes) -> None:
-        data = self.buf + data
-        end = len(data) - len(data) % REC.size
-        for off in range(0, end, REC.size):
-            k, v, op = REC.unpack_from(data, off)
-            self.version = max(self.version, v)
-            value = 0 if op & 0x7F == DELETE else v
-            if op & IN_FLIGHT:
-                self.in_flight = (k, value)
-            else:
-                self.acked[k] = value
-                self.in_flight = None
-                self.ops += 1
-        self.buf = data[end:]
+    def problem(self, what: str) -> None:
+        if len(self.problems) < 40:
+            self.problems.append(what)
 
 
 class Supervisor:
-    def __init__(self, store: MmapStore, ns: argparse.Namespace) -> None:
-        self.store, self.ns = store, ns
+    def __init__(self, store: MmapStore, bstore: MmapStore, ns: argparse.Namespace) -> None:
+        self.store, self.bstore, self.ns = store, bstore, ns
+        self.pid = os.getpid()
         self.sel = selectors.DefaultSelector()
-        self.slots = [Slot(i) for i in range(ns.processes)]
-        self.unexpected: list[str] = []
-        fd = os.open(store.path, os.O_RDONLY)
-        self.view = mmap.mmap(fd, 0, prot=mmap.PROT_READ)  # our own read-only view of the file
-        os.close(fd)
+        self.slots = [Slot(i, checker=i >= ns.processes) for i in range(ns.processes + ns.checkers)]
+        self.status = mmap.mmap(-1, len(self.slots))  # shared with every writer (MAP_SHARED)
+        self.orders = mmap.mmap(-1, len(self.slots))  # what the supervisor wants each writer to die in
+        self.durations: dict[int, float] = {op: 3e-3 if op in (PURGE, CHECK) else 2e-4 for op in OPS}
+        self.tally = Tally()
+        self.views = [self._view(s) for s in (store, bstore)]
+        self.clear_end = 0  # latest end (ns) of a clear() that ended or whose writer died
+        self.bystanders: dict[str, tuple[dict[str, Any], tuple[int, ...]]] = {}  # key -> value, pages
+        self.by_ev_seen: dict[int, int] = {}
+        self.exited: list[Slot] = []  # writers whose pipe reached EOF before we killed them
+        self.died_in = ""  # what the last victim was doing
 
-    def page_evictions(self) -> dict[int, int]:
+    @staticmethod
+    def _view(store: MmapStore) -> mmap.mmap:
+        fd = os.open(store.path, os.O_RDONLY)
+        try:
+            return mmap.mmap(fd, 0, prot=mmap.PROT_READ)  # our own read-only view of the file
+        finally:
+            os.close(fd)
+
+    def page_evictions(self, which: int) -> dict[int, int]:
         """Each page's count of live entries evicted for room (a page header field)."""
-        s = self.store
-        return {p: U64.unpack_from(self.view, L.page_offset(s.page_size, p) + L.OFF_EVICTIONS)[0]
+        from prefork_sessions import _layout as L
+
+        s, view = (self.store, self.bstore)[which], self.views[which]
+        return {p: U64.unpack_from(view, L.page_offset(s.page_size, p) + L.OFF_EVICTIONS)[0]
                 for p in range(s.num_pages)}
 
-    def evicted_here(self, slot: Slot, key: str, now: dict[int, int]) -> bool:
-        """Did one of ``key``'s two candidate pages evict a live entry since the slot's last check?"""
-        _, p1, p2, *_ = self.store._pager.locate(key.encode())
-        return any(now[p] > slot.evictions_seen.get(p, 0) for p in (p1, p2))
+    # ------------------------------------------------------------------ bystanders
+
+    def place_bystanders(self) -> None:
+        """Write ``--bystanders-per-page`` keys into every page of the first file."""
+        per_page = self.ns.bystanders_per_page
+        count: Counter[int] = Counter()
+        rnd = random.Random(f"{self.ns.seed}:bystanders")
+        for i in range(1000 * self.store.num_pages):
+            if len(count) == self.store.num_pages and min(count.values()) >= per_page:
+                break
+            key = f"by{i}"
+            _, p1, _, _ = self.store._pager.where(key.encode())
+            if count[p1] >= per_page:
+                continue
+            value = C.make_value(key, -1, 0, rnd.randrange(40, self.ns.max_pad // 2))
+            self.store.set(key, value, expire=0)
+            page = self.store._pager.locate(key.encode())[4]
+            count[page] += 1
+            self.bystanders[key] = (value, self.pages_of(key, page))
+        self.by_ev_seen = self.page_evictions(0)
+
+    def pages_of(self, key: str, page: int) -> tuple[int, ...]:
+        """The page a key was seen in, or both candidates when that was not known."""
+        if page >= 0:
+            return (page,)
+        _, p1, p2, _ = self.store._pager.where(key.encode())
+        return (p1, p2)
+
+    def rewrite_bystander(self, key: str) -> None:
+        value, _ = self.bystanders[key]
+        self.store.set(key, value, expire=0)
+        self.bystanders[key] = (value, self.pages_of(key, self.store._pager.locate(key.encode())[4]))
+
+    # ------------------------------------------------------------------ writers
 
     def start(self, slot: Slot) -> None:
         r, w = os.pipe()
         others = [s.fd for s in self.slots if s.fd >= 0]
         slot.gen += 1
-        gen, version = slot.gen, slot.version
+        self.status[slot.index] = IDLE
 
         def child() -> None:
             os.close(r)
             for fd in others:  # other writers' pipes must reach EOF when their writer dies
                 os.close(fd)
-            writer(self.store, slot.index, gen, version, w, self.ns)
+            slot.wfd = w
+            writer(self, slot)
 
         slot.pid = C.fork(child)
         os.close(w)
         os.set_blocking(r, False)
         slot.fd = r
         self.sel.register(r, selectors.EVENT_READ, slot)
+
+    def feed(self, slot: Slot, data: bytes) -> None:
+        data = slot.buf + data
+        end = len(data) - len(data) % REC.size
+        for off in range(0, end, REC.size):
+            k, v, opf, t = REC.unpack_from(data, off)
+            op = opf & 0x7F
+            slot.version = max(slot.version, v)
+            if opf & IN_FLIGHT:
+                slot.in_flight = (op, k, v, t)
+                continue
+            start = slot.in_flight[3] if slot.in_flight else t
+            slot.in_flight = None
+            self.tally.acked[op] += 1
+            self.durations[op] += ((t - start) / 1e9 - self.durations[op]) / 16  # for the writers' timers
+            if op in (SET_INSERT, SET_OVERWRITE, GAS):
+                slot.acked[k] = v
+            elif op == DELETE:
+                slot.acked[k] = 0
+            elif op == B_SET:
+                slot.b_acked[k] = (v, start)
+            elif op == CLEAR:
+                self.clear_end = max(self.clear_end, t)
+        slot.buf = data[end:]
 
     def pump(self, timeout: float) -> None:
         for key, _ in self.sel.select(timeout):
@@ -166,152 +465,389 @@ class Supervisor:
             except BlockingIOError:
                 continue
             if data:
-                slot.feed(data)
+                self.feed(slot, data)
+            else:  # the writer is gone: its own SIGKILL (see SelfKill), or it failed
+                self.sel.unregister(slot.fd)
+                self.exited.append(slot)
+
+    def drain_all(self) -> None:
+        """Read every pipe empty (every record written so far is seen)."""
+        for slot in self.slots:
+            while slot.fd >= 0:
+                try:
+                    data = os.read(slot.fd, 1 << 16)
+                except BlockingIOError:
+                    break
+                if not data:
+                    break
+                self.feed(slot, data)
+
+    def hunt(self, rnd: random.Random) -> Slot:
+        """The next writer to reap.  For ``--random-kills`` of the kills: a random one
+        after a random delay.  Otherwise pick what to kill in (fewest kills first, or
+        at random) and order it: each writer arms its own SIGKILL for a random instant
+        within its next such step (see ``SelfKill``); the first to die is the one (if
+        two did, the other is reaped next round); if none died within the hunt
+        window, a random one."""
+        ns = self.ns
+        if rnd.random() < ns.random_kills:
+            deadline = time.monotonic() + rnd.uniform(ns.min_gap, ns.max_gap)
+        else:
+            kinds = OPS + PHASES
+            target = min(kinds, key=lambda kind: (self.tally.kills[kind], rnd.random()))
+            if rnd.random() < 0.5:
+                target = rnd.choice(kinds)
+            self.orders[:] = bytes([target]) * len(self.orders)
+            deadline = time.monotonic() + ns.hunt_window
+        while (left := deadline - time.monotonic()) > 0 and not self.exited:
+            self.pump(left)
+        self.orders[:] = bytes(len(self.orders))  # one armed already still dies: reaped next round
+        return self.exited[0] if self.exited else rnd.choice(self.slots)
 
     def kill(self, slot: Slot) -> None:
         os.kill(slot.pid, signal.SIGKILL)
         _, status = os.waitpid(slot.pid, 0)
+        died_ns = time.monotonic_ns()
         C._children.discard(slot.pid)
         code = os.waitstatus_to_exitcode(status)
         if code != -signal.SIGKILL:
-            self.unexpected.append(f"slot {slot.index} gen {slot.gen} exited {code} before the kill")
-        self.sel.unregister(slot.fd)
+            self.tally.unexpected.append(f"slot {slot.index} gen {slot.gen} exited {code} before the kill")
+        if slot in self.exited:
+            self.exited.remove(slot)
+        else:
+            self.sel.unregister(slot.fd)
         os.set_blocking(slot.fd, True)
         while data := os.read(slot.fd, 1 << 16):
-            slot.feed(data)
+            self.feed(slot, data)
         os.close(slot.fd)
         slot.fd, slot.pid = -1, 0
-        slot.kills += 1
-        self.verify(slot)
+        op = slot.in_flight[0] if slot.in_flight else IDLE
+        phases = self.status[slot.index]
+        self.tally.kills[op] += 1
+        self.tally.kills[-1] += 1  # all kills
+        for bit in PHASES:
+            if phases & bit:
+                self.tally.kills[bit] += 1
+        self.died_in = " / ".join([LABELS[op].strip(), *(LABELS[b].split(": ")[1] for b in PHASES if phases & b)])
+        if op == CLEAR:  # it may have wiped pages until it died
+            self.clear_end = max(self.clear_end, died_ns)
+        if slot.checker:  # nothing of its own to verify
+            slot.in_flight = None
 
-    def verify(self, slot: Slot) -> None:
-        """Every key of a dead writer reads as acknowledged, or as the write in flight,
-        or is missing because its page had to evict live entries (LRU) since we last looked."""
-        missing: list[tuple[int, str, set[int]]] = []
-        for k in range(self.ns.keys):
-            key = key_name(slot.index, k)
-            value = self.store.get(key)
-            slot.checked += 1
-            if value is not None and (why := C.value_problem(key, value)):
-                slot.problems.append(f"gen {slot.gen}: {why}")
+    # ------------------------------------------------------------------ verifying
+
+    def verify(self, dead: list[Slot], when: str) -> None:
+        """The dead writers' keys and every bystander, against what is allowed."""
+        t = self.tally
+        ev0, bev0 = self.page_evictions(0), self.page_evictions(1)
+        dead = [s for s in dead if not s.checker]
+        own = [(s, k, self.store.get(key_name(s.index, k))) for s in dead for k in range(self.ns.keys)]
+        bown = [(s, k, self.bstore.get(b_key_name(s.index, k))) for s in dead for k in range(self.ns.clear_keys)]
+        by = [(key, self.store.get(key)) for key in self.bystanders]
+        self.drain_all()  # every clear() that could have touched what we read is now known
+        ev1, bev1 = self.page_evictions(0), self.page_evictions(1)
+        t.verified += len(own) + len(bown) + len(by)
+        clearing = any(s.in_flight and s.in_flight[0] == CLEAR for s in self.slots)
+
+        def evicted(store: MmapStore, key: str, now: dict[int, int], seen: dict[int, int]) -> bool:
+            _, p1, p2, _ = store._pager.where(key.encode())
+            return any(now[p] > seen.get(p, 0) for p in (p1, p2))
+
+        def version(key: str, value: Any) -> int | None:
+            if value is None:
+                return 0
+            if why := C.value_problem(key, value):
+                t.wrong += 1
+                t.problem(f"{when}: {why}")
+                return None
+            return int(value["n"])
+
+        for s, k, value in own:
+            key = key_name(s.index, k)
+            got = version(key, value)
+            if got is None:
                 continue
-            got = value["n"] if value is not None else 0
-            allowed = {slot.acked.get(k, 0)}
-            if slot.in_flight and slot.in_flight[0] == k:
-                allowed.add(slot.in_flight[1])
-            if got not in allowed:
-                if got == 0:
-                    missing.append((k, key, allowed))
-                    continue
-                slot.problems.append(
-                    f"gen {slot.gen}: {key} reads version {got}, "
-                    f"expected {' or '.join(str(a or 'missing') for a in sorted(allowed))}")
-            elif got != slot.acked.get(k, 0):
-                slot.acked[k] = got  # the in-flight write landed
-                slot.landed += 1
-        now = self.page_evictions()  # after the reads: an eviction before a read shows here
-        for k, key, allowed in missing:
-            if self.evicted_here(slot, key, now):
-                slot.evicted += 1
-                slot.acked[k] = 0
+            allowed = {s.acked.get(k, 0)}
+            if s.in_flight and s.in_flight[1] == k and s.in_flight[0] in (SET_INSERT, SET_OVERWRITE, GAS, DELETE):
+                allowed.add(0 if s.in_flight[0] == DELETE else s.in_flight[2])
+            if got in allowed:
+                if got != s.acked.get(k, 0):
+                    s.acked[k] = got  # the in-flight write landed
+                    t.landed += 1
+            elif got == 0 and evicted(self.store, key, ev1, s.ev_seen):
+                t.evicted += 1
+                s.acked[k] = 0
+            elif got == 0:
+                t.own_lost += 1
+                t.problem(f"{when}: {key} is missing (its pages evicted nothing), expected version "
+                          f"{' or '.join(str(a or 'missing') for a in sorted(allowed))}")
+                s.acked[k] = 0
             else:
-                slot.problems.append(
-                    f"gen {slot.gen}: {key} is missing (its pages evicted nothing), expected "
-                    f"{' or '.join(str(a or 'missing') for a in sorted(allowed))}")
-        slot.evictions_seen = now
-        slot.in_flight = None
+                t.wrong += 1
+                t.problem(f"{when}: {key} reads version {got}, expected "
+                          f"{' or '.join(str(a or 'missing') for a in sorted(allowed))}")
+                s.acked[k] = got
+        for s, k, value in bown:
+            key = b_key_name(s.index, k)
+            got = version(key, value)
+            if got is None:
+                continue
+            acked, start = s.b_acked.get(k, (0, 0))
+            allowed = {acked}
+            if s.in_flight and s.in_flight[0] == B_SET and s.in_flight[1] == k:
+                allowed.add(s.in_flight[2])
+                if got == s.in_flight[2]:
+                    acked, start = got, s.in_flight[3]
+                    s.b_acked[k] = (acked, start)
+            if got in allowed:
+                continue
+            if got == 0 and (clearing or self.clear_end >= start):
+                t.cleared += 1
+            elif got == 0 and evicted(self.bstore, key, bev1, s.b_ev_seen):
+                t.evicted += 1
+            elif got == 0:
+                t.own_lost += 1
+                t.problem(f"{when}: {key} (clear() file) is missing; no clear() or eviction since it was written")
+            else:
+                t.wrong += 1
+                t.problem(f"{when}: {key} (clear() file) reads version {got}, expected "
+                          f"{' or '.join(str(a or 'missing') for a in sorted(allowed))}")
+            s.b_acked[k] = (got, start)
+        for s in dead:
+            s.ev_seen, s.b_ev_seen = ev0, bev0
+            s.in_flight = None
+
+        budget = {p: ev1[p] - self.by_ev_seen.get(p, 0) for p in ev1}
+        held = Counter(pages[0] for _, pages in self.bystanders.values() if len(pages) == 1)
+        gone: Counter[int] = Counter()
+        for key, value in by:
+            expected, pages = self.bystanders[key]
+            if value == expected:
+                continue
+            if value is not None:
+                t.wrong += 1
+                t.problem(f"{when}: bystander {key} reads {str(value)[:100]}")
+            elif (p := next((p for p in pages if budget[p] > 0), None)) is not None:
+                budget[p] -= 1
+                t.evicted += 1
+                t.bystanders_evicted += 1
+            else:
+                t.bystanders_lost += 1
+                gone[pages[0]] += 1
+                t.problem(f"{when}: bystander {key} (page {'/'.join(map(str, pages))}) is missing; "
+                          "its page evicted nothing")
+            self.rewrite_bystander(key)
+        self.by_ev_seen = ev0
+        t.pages_lost += sum(n >= held[page] for page, n in gone.items())
+
+    # ------------------------------------------------------------------ the end
+
+    def round(self, rnd: random.Random) -> None:
+        """One kill (or a writer's own timed SIGKILL), the verification, the restart."""
+        slot = self.hunt(rnd)
+        self.kill(slot)
+        self.verify([slot], f"kill {self.tally.kills[-1]} (in {self.died_in})")
+        self.start(slot)
+
+    def stop_all(self) -> None:
+        for slot in self.slots:
+            if slot.pid:
+                self.kill(slot)
+        self.verify(self.slots, "final sweep")
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def summary(t: Tally, stats: dict[str, Any], bstats: dict[str, Any], end_problems: list[str],
+            kills_per_minute: float) -> list[tuple[str, Any]]:
+    """The rows of the table, for one implementation."""
+    rows: list[tuple[str, Any]] = [(LABELS[op], t.kills[op]) for op in OPS + [IDLE] + PHASES]
+    rows += [
+        ("kills (all)", t.kills[-1]),
+        ("kills per minute", round(kills_per_minute)),
+        ("operations acknowledged", sum(t.acked.values())),
+        ("untouched keys lost (must be 0)", t.bystanders_lost),
+        ("  pages that lost all their bystanders", t.pages_lost),
+        ("acknowledged values lost (must be 0)", t.own_lost),
+        ("wrong values read (must be 0)", t.wrong),
+        ("unexpected writer deaths (must be 0)", len(t.unexpected)),
+        ("check() problems at the end (must be 0)", len(end_problems)),
+        ("key reads verified", t.verified),
+        ("in-flight writes found applied", t.landed),
+        ("missing keys explained by LRU eviction", t.evicted),
+        ("  of which bystanders (written again)", t.bystanders_evicted),
+        ("missing after a clear() (second file)", t.cleared),
+        ("store evictions (counter)", stats["evictions"] + bstats["evictions"]),
+        ("store expirations (counter)", stats["expirations"] + bstats["expirations"]),
+        ("recovered pages", stats["recovered_pages"] + bstats["recovered_pages"]),
+    ]
+    return rows
+
+
+def table(title: str, columns: dict[str, list[tuple[str, Any]]]) -> C.Report:
+    report = C.Report(title, ["operation in flight / outcome", *columns])
+    for i, (label, _) in enumerate(next(iter(columns.values()))):
+        report.row(label, *(col[i][1] for col in columns.values()))
+    return report
+
+
+def add_checks(report: C.Report, impl: str, rows: dict[str, Any], min_kills: int) -> None:
+    p = f"[{impl}] "
+    report.check(p + "no untouched (bystander) key lost", rows["untouched keys lost (must be 0)"] == 0,
+                 f"{rows['untouched keys lost (must be 0)']} lost, "
+                 f"{rows['  pages that lost all their bystanders']} whole pages")
+    report.check(p + "every killed writer's key reads as acknowledged or in flight",
+                 rows["acknowledged values lost (must be 0)"] == 0,
+                 f"{rows['acknowledged values lost (must be 0)']} acknowledged values lost")
+    report.check(p + "every value read is the expected one", rows["wrong values read (must be 0)"] == 0,
+                 f"{rows['wrong values read (must be 0)']} wrong values")
+    report.check(p + "writers died only by our SIGKILL", rows["unexpected writer deaths (must be 0)"] == 0,
+                 f"{rows['unexpected writer deaths (must be 0)']} died on their own (tracebacks on stderr)")
+    report.check(p + "store.check() == [] at the end (both files)",
+                 rows["check() problems at the end (must be 0)"] == 0,
+                 f"{rows['check() problems at the end (must be 0)']} problems")
+    report.check(p + "recovered_pages > 0 (kills landed mid-change)", rows["recovered pages"] > 0,
+                 "no kill landed mid-change: run longer (--seconds)")
+    short = [LABELS[k].strip() for k in OPS + PHASES if rows[LABELS[k]] < min_kills]
+    report.check(p + f"every operation and phase got >= {min_kills} kills", not short,
+                 "too few kills in: " + ", ".join(short) + " (run longer, or see the notes)")
+
+
+# --------------------------------------------------------------------------- main
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--impl", choices=["c", "python", "both"], default="both",
+                   help="which pager: c, python (PREFORK_SESSIONS_PURE=1), or both, one after the other [both]")
     p.add_argument("--processes", type=int, default=4, help="writer processes alive at once [4]")
-    p.add_argument("--threads", type=int, default=1, choices=[1],
-                   help="threads per writer (1: a pipe records one writer's order) [1]")
-    p.add_argument("--seconds", type=float, default=60, help="how long to keep killing [60]")
+    p.add_argument("--checkers", type=int, default=1,
+                   help="processes that only run check() and purge() (and so repair pages promptly) [1]")
+    p.add_argument("--seconds", type=float, default=60, help="how long to keep killing, per implementation [60]")
     p.add_argument("--kills", type=int, default=0, help="stop after this many kills (0: no cap) [0]")
-    p.add_argument("--min-life", type=float, default=0.002, help="shortest writer life, s [0.002]")
-    p.add_argument("--max-life", type=float, default=0.06, help="longest writer life, s [0.06]")
+    p.add_argument("--random-kills", type=float, default=0.25,
+                   help="share of kills at a random instant of a random writer, not hunted [0.25]")
+    p.add_argument("--min-gap", type=float, default=0.001, help="shortest wait before a random kill, s [0.001]")
+    p.add_argument("--max-gap", type=float, default=0.02, help="longest wait before a random kill, s [0.02]")
+    p.add_argument("--hunt-window", type=float, default=0.05,
+                   help="how long to wait for a writer to die in the ordered operation, s [0.05]")
+    p.add_argument("--repair-kills", type=float, default=0.3,
+                   help="chance that a writer starting a repair arms its SIGKILL unordered [0.3]")
+    p.add_argument("--phase-time", type=float, default=300e-6,
+                   help="the longest delay of a SIGKILL armed at the start of a phase, s (about a "
+                        "repair's length) [0.0003]")
+    p.add_argument("--nice", type=int, default=5, help="writers' niceness increment (0: as the supervisor) [5]")
     p.add_argument("--keys", type=int, default=40, help="verified keys per writer slot [40]")
+    p.add_argument("--clear-keys", type=int, default=8, help="verified keys per writer slot in the clear() file [8]")
+    p.add_argument("--bystanders-per-page", type=int, default=2, help="untouched keys in every page [2]")
     p.add_argument("--max-pad", type=int, default=600, help="largest value padding, bytes [600]")
-    p.add_argument("--filler", type=float, default=0.2,
-                   help="chance of a short-lived filler write after each op [0.2]")
-    p.add_argument("--filler-life", type=float, default=0.1, help="filler expiry, s [0.1]")
-    p.add_argument("--cache-size", type=int, default=1 << 20, help="store bytes [1 MiB]")
+    p.add_argument("--filler-life", type=float, default=0.3, help="longest expiring-filler life, s [0.3]")
+    p.add_argument("--cache-size", type=int, default=512 << 10, help="store bytes [512 KiB]")
     p.add_argument("--page-size", type=int, default=4 << 10, help="page bytes [4 KiB]")
+    p.add_argument("--clear-cache-size", type=int, default=64 << 10, help="clear() file bytes [64 KiB]")
+    p.add_argument("--min-kills", type=int, default=1,
+                   help="fail unless every operation and phase got this many kills [1]")
+    p.add_argument("--summary", default=None, help=argparse.SUPPRESS)  # --impl both: a child's rows, as JSON
     C.add_common_args(p, timeout=300)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return C.run_in_tmp(parse_args(argv), "crash", run)
+    ns = parse_args(argv)
+    if ns.impl == "both":
+        return run_both(ns, argv if argv is not None else sys.argv[1:])
+    # Before prefork_sessions is first imported: it picks its pager at import time.
+    if ns.impl == "python":
+        os.environ[PURE_ENV] = "1"
+    else:
+        os.environ.pop(PURE_ENV, None)
+    return C.run_in_tmp(ns, "crash", run)
 
 
 def run(ns: argparse.Namespace, tmp: Path) -> int:
+    import prefork_sessions
+    from prefork_sessions import MmapStore
+
+    if prefork_sessions.ACCELERATED != (ns.impl == "c"):
+        print(f"--impl {ns.impl}: prefork_sessions.ACCELERATED is {prefork_sessions.ACCELERATED}"
+              + (" (the C extension did not load: build it with pip install -e .)" if ns.impl == "c" else ""),
+              file=sys.stderr)
+        return 2
     store = MmapStore(tmp / "store", cache_size=ns.cache_size, page_size=ns.page_size, lock_timeout=20)
-    sup = Supervisor(store, ns)
+    bstore = MmapStore(tmp / "clear_store", cache_size=ns.clear_cache_size, page_size=ns.page_size,
+                       lock_timeout=20)
+    sup = Supervisor(store, bstore, ns)
+    sup.place_bystanders()
+    missing_hooks = sorted(n for n in [*HOOKS, "_kill"] if getattr(store, n, None) is None)
     rnd = random.Random(ns.seed)
     for slot in sup.slots:
         sup.start(slot)
     start = time.monotonic()
-    kills = 0
-    while time.monotonic() - start < ns.seconds and not (ns.kills and kills >= ns.kills):
-        deadline = time.monotonic() + rnd.uniform(ns.min_life, ns.max_life)
-        while (left := deadline - time.monotonic()) > 0:
-            sup.pump(left)
-        slot = rnd.choice(sup.slots)
-        sup.kill(slot)
-        kills += 1
-        sup.start(slot)
-    for slot in sup.slots:  # the last generation dies the same way
-        sup.kill(slot)
+    while time.monotonic() - start < ns.seconds and not (ns.kills and sup.tally.kills[-1] >= ns.kills):
+        sup.round(rnd)
+    sup.stop_all()  # the last generation dies the same way; then every key is verified
     elapsed = time.monotonic() - start
 
-    final: list[str] = []
-    for slot in sup.slots:  # every key of every slot, after all the kills
-        before = len(slot.problems)
-        sup.verify(slot)
-        final += slot.problems[before:]
-    stats_before = store.stats()
-    problems = store.check()
-    after_check = []
-    for slot in sup.slots:  # check() locked (and so repaired) every page: nothing may change
-        before = len(slot.problems)
-        sup.verify(slot)
-        after_check += slot.problems[before:]
-    stats = store.stats()
-
-    report = C.Report(
-        f"crash: {ns.processes} writers, {kills} SIGKILLs in {elapsed:.1f} s, {ns.keys} keys each, "
-        f"{store.num_pages} pages of {store.page_size} B, seed {ns.seed}",
-        ["writer slot", "lives", "ops acked", "in-flight landed", "keys verified",
-         "evicted (LRU)", "wrong reads"],
+    end_problems = [f"store: {p}" for p in store.check()] + [f"clear() file: {p}" for p in bstore.check()]
+    sup.verify(sup.slots, "after check()")  # check() locked (and so repaired) every page: nothing may change
+    t = sup.tally
+    rows = summary(t, store.stats(), bstore.stats(), end_problems, t.kills[-1] / elapsed * 60)
+    name = "C pager" if ns.impl == "c" else "pure-Python pager"
+    report = table(
+        f"crash ({name}): {ns.processes} writers + {ns.checkers} checker, {t.kills[-1]:,} SIGKILLs in {elapsed:.1f} s, "
+        f"{store.num_pages} pages of {store.page_size} B with {len(sup.bystanders)} bystanders, "
+        f"{ns.keys} keys per writer, seed {ns.seed}",
+        {ns.impl: rows},
     )
-    for slot in sup.slots:
-        report.row(slot.index, slot.gen, slot.ops, slot.landed, slot.checked, slot.evicted,
-                   len(slot.problems))
-    report.row("all", sum(s.gen for s in sup.slots), sum(s.ops for s in sup.slots),
-               sum(s.landed for s in sup.slots), sum(s.checked for s in sup.slots),
-               sum(s.evicted for s in sup.slots), sum(len(s.problems) for s in sup.slots))
-    report.note(
-        f"store: recovered_pages {stats['recovered_pages']:,} (before check(): "
-        f"{stats_before['recovered_pages']:,}), evictions {stats['evictions']:,}, "
-        f"expirations {stats['expirations']:,}, entries {stats['entries']:,}, "
-        f"bytes_used {stats['bytes_used']:,} of {stats['capacity']:,}")
-    problems_all = [p for s in sup.slots for p in s.problems]
-    if problems_all:
-        report.note("first wrong reads:\n  " + "\n  ".join(problems_all[:8]))
-    report.check("every key reads as its last acknowledged value or the one in flight",
-                 not problems_all,
-                 f"{len(problems_all)} wrong reads ({len(final)} in the final sweep, "
-                 f"{len(after_check)} after check()); evictions {stats['evictions']}")
-    report.check("writers died only by our SIGKILL", not sup.unexpected,
-                 "; ".join(sup.unexpected[:3]) + " (tracebacks above on stderr)")
-    report.check("recovered_pages > 0 (kills landed mid-write)", stats["recovered_pages"] > 0,
-                 "no kill landed mid-write: run longer (--seconds) or with more writers")
-    report.check("store.check() == []", problems == [], "; ".join(problems[:5]))
-    sup.view.close()
+    if missing_hooks:
+        report.note(f"not tracked (MmapStore has no {', '.join(missing_hooks)}): kills in those phases "
+                    "count under their operation only")
+    if t.problems:
+        report.note("first problems:\n  " + "\n  ".join(t.problems[:12]))
+    if end_problems:
+        report.note("check() at the end:\n  " + "\n  ".join(end_problems[:8]))
+    add_checks(report, ns.impl, dict(rows), ns.min_kills)
+    if ns.summary:
+        Path(ns.summary).write_text(json.dumps({"rows": rows, "problems": t.problems[:12],
+                                                "unexpected": t.unexpected[:3]}))
+    for view in sup.views:
+        view.close()
     store.close()
+    bstore.close()
+    return report.finish()
+
+
+def run_both(ns: argparse.Namespace, argv: list[str]) -> int:
+    """Each implementation in a fresh interpreter (the pager is chosen at import), then both tables."""
+    columns: dict[str, list[tuple[str, Any]]] = {}
+    codes: dict[str, int] = {}
+    rest, skip = [], False
+    for a in argv:  # drop "--impl both" / "--impl=both"
+        if not skip and not a.startswith("--impl"):
+            rest.append(a)
+        skip = a == "--impl"
+    with tempfile.TemporaryDirectory(prefix="stress-crash-both-", dir=ns.dir) as tmp:
+        for impl in IMPLS:
+            out = Path(tmp) / f"{impl}.json"
+            print(f"=== --impl {impl}", flush=True)
+            try:
+                p = subprocess.run([sys.executable, __file__, *rest, "--impl", impl, "--summary", str(out)],
+                                   check=False, timeout=ns.timeout + 60)
+                codes[impl] = p.returncode
+            except subprocess.TimeoutExpired:
+                codes[impl] = C.TIMEOUT_EXIT
+            print(flush=True)
+            if out.exists():
+                columns[impl] = [(label, n) for label, n in json.loads(out.read_text())["rows"]]
+    if not columns:
+        print("no implementation produced a table", file=sys.stderr)
+        return 1
+    report = table(f"crash: both implementations, {ns.seconds:g} s each, seed {ns.seed}", columns)
+    for impl in IMPLS:
+        report.check(f"[{impl}] every invariant held (its report above)", codes.get(impl) == 0,
+                     f"exit {codes.get(impl)}")
     return report.finish()
 
 
