@@ -43,6 +43,7 @@ import secrets
 import stat
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from . import _layout as L
 from ._errors import FileFormatError, NoSpaceError, StorePathError, UnsafeFileError
@@ -57,9 +58,21 @@ _LINKED_RETRIES = 50  # x 10 ms: a named-temporary creator links, then unlinks i
 log = logging.getLogger("prefork_sessions")
 _warned: set[tuple[str, int, int, int, int]] = set()
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate64.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_libc.fallocate64.restype = ctypes.c_int
+
+
+def _load_fallocate() -> Any:
+    """libc's fallocate with 64-bit offsets (the syscall itself, no emulation), or None."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "fallocate64", None)  # glibc; musl >= 1.2.4 has only fallocate, 64-bit
+    if fn is None and ctypes.sizeof(ctypes.c_long) == 8:
+        fn = getattr(libc, "fallocate", None)
+    if fn is not None:
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        fn.restype = ctypes.c_int
+    return fn
+
+
+_libc_fallocate = _load_fallocate()
 
 
 @dataclass(frozen=True)
@@ -321,9 +334,10 @@ def _remove_stale_temporaries(dfd: int, name: str) -> None:
 
 def _build(fd: int, path: str, directory: str, page_size: int, num_pages: int, size: int) -> None:
     os.fchmod(fd, FILE_MODE)
+    free = _free(fd)  # before allocating: a failed fallocate may hold what it got until close
     err = _fallocate(fd, size)
     if err in _NO_ROOM:
-        raise _no_room(path, directory, size, _free(fd), "creating the store file")
+        raise _no_room(path, directory, size, free, "creating the store file")
     # Write every byte as well, 4 KiB at a time: the page cache then holds small
     # folios, and the write-protect fault a disk filesystem takes on the first
     # store into each page costs a fraction of what it costs on a large folio
@@ -345,7 +359,7 @@ def _build(fd: int, path: str, directory: str, page_size: int, num_pages: int, s
             os.pwrite(fd, page_header, L.page_offset(page_size, page))
     except OSError as e:
         if e.errno in _NO_ROOM:
-            raise _no_room(path, directory, size, _free(fd), "creating the store file") from None
+            raise _no_room(path, directory, size, free, "creating the store file") from None
         raise
 
 
@@ -354,7 +368,9 @@ def _build(fd: int, path: str, directory: str, page_size: int, num_pages: int, s
 
 def _fallocate(fd: int, size: int) -> int:
     """Allocate every block of [0, size) (contents unchanged); 0 or the errno."""
-    while _libc.fallocate64(fd, 0, 0, size) != 0:
+    if _libc_fallocate is None:
+        return errno.EOPNOTSUPP
+    while _libc_fallocate(fd, 0, 0, size) != 0:
         err = ctypes.get_errno()
         if err != errno.EINTR:
             return err
@@ -374,15 +390,18 @@ def _back(fd: int, path: str) -> None:
     st = os.fstat(fd)
     if _first_hole(fd, st.st_size) >= st.st_size:
         return
-    err = _fallocate(fd, st.st_size)
-    if err == 0:
-        return
     directory = os.path.dirname(os.path.abspath(path))
     missing = max(st.st_size - st.st_blocks * 512, 0)
+    free = _free(fd)
+    # Checked first so that a file too big for the disk does not take its last free
+    # blocks (what fallocate allocates before it fails stays allocated).
+    err = errno.ENOSPC if missing > free else _fallocate(fd, st.st_size)
+    if err == 0:
+        return
     if err in _NO_ROOM:
         raise NoSpaceError(
             f"{path} is sparse: about {missing} of its {st.st_size} bytes have no disk blocks, and the "
-            f"file system at {_mount_point(directory)} has {_free(fd)} bytes free; a store into a hole "
+            f"file system at {_mount_point(directory)} has {free} bytes free; a store into a hole "
             f"would crash the process (SIGBUS). Free {missing} bytes on {_mount_point(directory)}, "
             "or delete the file and choose a smaller cache_size."
         )

@@ -377,14 +377,34 @@ def test_a_sparse_store_file_on_a_full_disk_is_refused_not_a_sigbus(
         assert "bytes free; a store into a hole" in message and f"on {where}" in message, message
         assert "smaller cache_size" in message, message
 
+    free = _free(where)
     pid = fork(open_and_write)
     status = os.waitpid(pid, 0)[1]
     assert not os.WIFSIGNALED(status), f"the child died of {signal.Signals(os.WTERMSIG(status)).name}"
     assert os.waitstatus_to_exitcode(status) == 0
     assert path.read_bytes() == content
+    assert _free(where) == free  # the refusal did not take the disk's last blocks
     os.unlink(where / "filler")  # with room again, the same file opens and keeps its data
     with MmapStore(path) as store:
         assert {k: store.get(k) for k in data} == data
+
+
+def test_a_sparse_file_whose_allocation_runs_out_of_room_is_refused(
+    small_fs: Callable[[int], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Free space can go between the check and fallocate (another writer): fallocate's
+    own ENOSPC is the same refusal.  The check is passed here by reporting more room
+    than there is; the disk and its ENOSPC are real."""
+    where = small_fs(8 * MIB)
+    path = where / "s"
+    _filled_store(path, cache_size=4 * MIB, page_size=16 << 10)
+    _sparse_copy(path, "cp")
+    content = path.read_bytes()
+    _fill(where, 256 << 10)
+    monkeypatch.setattr(_file, "_free", lambda fd: 1 << 40)
+    with pytest.raises(NoSpaceError, match=f"{path} is sparse"):
+        MmapStore(path)
+    assert path.read_bytes() == content
 
 
 def test_a_sparse_file_is_refused_where_holes_cannot_be_allocated(
