@@ -117,8 +117,13 @@ def _check_store_as_workers(cfg):
         code = 1
         try:
             os.close(read_end)
-            gunicorn.util.set_owner_process(cfg.uid, cfg.gid, initgroups=cfg.initgroups)
-            found = _check_store()
+            try:
+                gunicorn.util.set_owner_process(cfg.uid, cfg.gid, initgroups=cfg.initgroups)
+            except OSError as e:
+                found = {"error": f"cannot become the workers' user (uid {cfg.uid}, gid {cfg.gid}): "
+                                  f"{e}; only a master running as root can start workers as another user"}
+            else:
+                found = _check_store()
             os.write(write_end, json.dumps(found).encode())
             code = 0
         finally:

@@ -59,7 +59,6 @@ log = logging.getLogger("prefork_sessions")
 _warned: set[tuple[str, int, int, int, int]] = set()
 
 
-
 def _load_fallocate() -> Any:
     """libc's fallocate with 64-bit offsets (the syscall itself, no emulation), or None."""
     libc = ctypes.CDLL(None, use_errno=True)
