@@ -28,32 +28,52 @@ Invariants
 1. Every write happens with the page locked; the writer makes the page's ``seq``
    odd before its first store and even after its last.  A locker that finds
    ``seq`` odd knows the previous writer died mid-change and repairs the page.
-2. A new entry is fully written before ``bump`` moves past it and before any
-   slot points at it; the entry it replaces is marked dead only afterwards.  So
-   the entries in ``[data, bump)`` always contain every acknowledged value, and
-   repair rebuilds the slot table from them (a later duplicate of a key wins,
-   because the data area is in write order).
-3. Live entries are never overwritten in place.  Compaction builds the new page
-   image in memory, writes it (up to its bump) to the spare page, marks the spare
-   valid for that page, copies it over the page, then marks the spare empty.
-   Whoever next takes the spare's lock (any compaction, or the repair of that
-   page) first copies a valid spare image over its page: the page's seq is still
-   odd, so nobody else touches it meanwhile.
-4. A key lives in at most one of its two candidate pages.  Inserting a key that
+2. One store per field.  Every header field, slot half and spare-state word is
+   written with one aligned store of its full width (``Words`` below, or an atomic
+   store in C), never by ``struct.pack_into``, which zero-fills its target first:
+   a kill between two stores leaves each field either old or new, never torn or
+   zero.  Groups of fields (the counts) are never stored together.
+3. A new entry is fully written before ``bump`` moves past it and before any slot
+   points at it; the entry it replaces is marked dead only afterwards.  Bytes past
+   the end of the entries are zero, except an entry being written: compaction and
+   repair write a whole page image, ``clear`` zeroes the page.
+4. Repair trusts no count.  It walks the entries from the start of the data area
+   while each is whole (inside the page, checksum valid), keeps for every key only
+   its *latest* entry (a later entry replaces an earlier one; a latest entry that
+   is dead means the key was deleted: an older one is never resurrected), then
+   takes slot-referenced entries past the point where the walk stopped (damage in
+   the middle of the page) if each checks out on its own.  What fails is damage to
+   that page alone: repair and compaction copy only entries that passed.
+5. Live entries are never overwritten in place.  Compaction, making room and
+   repair build a new page image in memory, write it (up to its end) to the spare
+   page with its checksum, mark the spare valid for that page (one store, after
+   the target, length and checksum), copy it over the page, then mark the spare
+   empty.  Whoever next takes the spare's lock first copies a valid spare image
+   over its page, if that page's seq is still odd (its writer died) and the
+   image's checksum holds.  The spare is locked before the page is changed, so a
+   busy spare leaves the page untouched.
+6. A key lives in at most one of its two candidate pages.  Inserting a key that
    is in neither locks both pages (in index order); updating a key in place locks
-   only the page that holds it.
-5. Readers take no lock: they read ``seq``, copy the entry, and accept it only if
-   ``seq`` was even and unchanged.  The last-access tick in the slot is a hint
-   that readers store without the lock; it lives in the slot table (never in the
-   data area), so a stray hint write can only ever change another hint.
+   only the page that holds it.  Lock order: pages by index, then the spare.
+7. Readers take no lock: they read ``seq``, copy the entry, and accept it only if
+   ``seq`` was even and unchanged, the entry lies inside the data area, is not
+   dead, and its checksum holds.  The last-access tick in the slot is a hint that
+   readers store without the lock; it lives in the slot table (never in the data
+   area), so a stray hint write can only ever change another hint.
+8. A locked reader or writer that finds a slot pointing outside the entries, at a
+   dead entry, or an entry failing its checksum repairs the page (invariant 4)
+   and carries on; public calls never raise on damage.
 """
 
 from __future__ import annotations
 
+import mmap
 import struct
+import sys
+from zlib import crc32
 
 MAGIC = b"\x89PFSESS\n"
-VERSION = 1
+VERSION = 2  # 2: repair by latest entry, zeroed tails, checksummed spare (1 cannot be read)
 
 HEADER_SIZE = 4096
 # magic, version, header size, page size, num pages, slots per page, hash seed,
@@ -62,7 +82,10 @@ HEADER = struct.Struct("<8sIIIIIIQd")
 
 # Spare-page state (in the file header) and the byte locked to own the spare.
 SPARE_STATE_OFF = 2048
-SPARE_STATE = struct.Struct("<III")  # state (SPARE_EMPTY or SPARE_VALID), target page, image length
+SPARE_STATE = struct.Struct("<IIII")  # state (SPARE_EMPTY or SPARE_VALID), target page, image end, crc32
+OFF_SPARE_TARGET = SPARE_STATE_OFF + 4
+OFF_SPARE_END = SPARE_STATE_OFF + 8
+OFF_SPARE_CRC = SPARE_STATE_OFF + 12
 SPARE_EMPTY = 0
 SPARE_VALID = 1
 SPARE_LOCK = -1  # pseudo page index of the spare's lock
@@ -73,13 +96,17 @@ PAGE_HDR = struct.Struct("<QIIIIQQQ")
 PAGE_HDR_SIZE = 64
 SEQ = struct.Struct("<Q")
 OFF_COUNTS = SEQ.size  # everything a page copy carries over starts after seq
-COUNTS = struct.Struct("<IIII")  # entries, used, bump, dead
+COUNTS = struct.Struct("<IIII")  # entries, used, bump, dead (read together, stored one by one)
+OFF_ENTRIES = OFF_COUNTS
+OFF_USED = OFF_COUNTS + 4
 OFF_BUMP = OFF_COUNTS + 8
+OFF_DEADBYTES = OFF_COUNTS + 12
 OFF_EVICTIONS = 24
 OFF_EXPIRATIONS = 32
 OFF_RECOVERIES = 40
 U64 = struct.Struct("<Q")
 U32 = struct.Struct("<I")
+U32_MASK = 0xFFFFFFFF
 
 SLOT = struct.Struct("<II")  # entry offset within page, last-access tick (see tick())
 SLOT_EMPTY = 0
@@ -92,6 +119,7 @@ ENTRY_CRC_SPAN = 19  # header bytes covered by the crc: everything before `dead`
 ENTRY_HEAD = struct.Struct("<dIIHB")  # the crc-covered part, for packing
 OFF_DEAD = 19
 FLAG_STR_KEY = 1
+DAMAGED = -1  # entry offset a locked probe returns for a page that fails its checks
 
 MIN_PAGE_SIZE = 4096
 MAX_PAGE_SIZE = 64 << 20
@@ -113,6 +141,14 @@ def data_start(slots: int) -> int:
 def entry_span(klen: int, vlen: int) -> int:
     """Bytes an entry occupies in the data area (8-byte aligned)."""
     return (ENTRY_SIZE + klen + vlen + 7) & ~7
+
+
+def pack_entry(exp_at: float, h: int, flags: int, kb: bytes, vb: bytes) -> bytes:
+    """An entry's bytes as they go into the data area (live, checksummed, padded)."""
+    head = ENTRY_HEAD.pack(exp_at, h, len(vb), len(kb), flags)
+    crc = crc32(vb, crc32(kb, crc32(head)))
+    raw = b"".join((head, b"\0", U32.pack(crc), kb, vb))
+    return raw.ljust(entry_span(len(kb), len(vb)), b"\0")
 
 
 def file_size(page_size: int, num_pages: int) -> int:
@@ -138,3 +174,25 @@ def tick(now: float) -> int:
     """The last-access clock: 1/16 s units, wrapping every 8.5 years; compare ages
     as ``(tick(now) - t) & TICK_MASK``."""
     return int(now * TICKS_PER_SECOND) & TICK_MASK
+
+
+class Words:
+    """Single-store access to the 32- and 64-bit fields of a mapping (invariant 2).
+
+    ``u32[off >> 2]`` / ``u64[off >> 3]`` read and write one aligned field with
+    one load or store (memoryview item access copies a fixed-size scalar), where
+    ``struct.pack_into`` would first zero the target.  The format is little-endian,
+    so this needs a little-endian host.  Views pin the mapping: ``release()``
+    before closing it."""
+
+    __slots__ = ("u32", "u64")
+
+    def __init__(self, mm: mmap.mmap) -> None:
+        if sys.byteorder != "little":
+            raise OSError("prefork_sessions store files are little-endian; this host is big-endian")
+        self.u32 = memoryview(mm).cast("I")
+        self.u64 = memoryview(mm).cast("Q")
+
+    def release(self) -> None:
+        self.u32.release()
+        self.u64.release()

@@ -23,10 +23,18 @@ from . import _layout as L
 FIB = 0x9E3779B1  # Fibonacci hashing multiplier: spreads the second page choice
 READ_TRIES = 4
 
-_seq_at = L.SEQ.unpack_from
 _u32_at = L.U32.unpack_from
 _entry_at = L.ENTRY.unpack_from
 TORN = (struct.error, IndexError, ValueError, OverflowError)  # what a torn read can raise
+
+
+def pages_of(h: int, n: int) -> tuple[int, int]:
+    """A key's two candidate pages from its hash (the same page twice only if n == 1)."""
+    p1 = h % n
+    p2 = ((h * FIB) & 0xFFFFFFFF) * n >> 32
+    if p2 == p1 and n > 1:
+        p2 = (p1 + 1) % n
+    return p1, p2
 F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
 FLOCK = struct.Struct("hhqqi")  # struct flock: type, whence, start, len, pid (0 for OFD locks)
 
@@ -38,33 +46,36 @@ class Pager:
         self, mm: mmap.mmap, fd: int, seed: int, npages: int, page_size: int, nslots: int, max_used: int
     ) -> None:
         self._mm: mmap.mmap | None = mm
+        self._w: L.Words | None = L.Words(mm)
         self._fd, self._seed, self._n, self._ps, self._nslots = fd, seed, npages, page_size, nslots
         self._max_used = max_used
+        self._d0 = L.data_start(nslots)
         self._locks = [threading.Lock() for _ in range(npages + 1)]  # [-1]: the spare's
 
     def close(self) -> None:
-        """Forget the mapping."""
-        self._mm = None
+        """Forget the mapping (releasing the views that pin it)."""
+        if self._w is not None:
+            self._w.release()
+        self._mm = self._w = None
 
     def where(self, kb: bytes) -> tuple[int, int, int, int]:
         """(hash, first page, second page, first slot) of a key."""
-        n = self._n
         h = crc32(kb, self._seed)
-        p1 = h % n
-        p2 = ((h * FIB) & 0xFFFFFFFF) * n >> 32
-        if p2 == p1 and n > 1:
-            p2 = (p1 + 1) % n
-        return h, p1, p2, (h // n) % self._nslots
+        p1, p2 = pages_of(h, self._n)
+        return h, p1, p2, (h // self._n) % self._nslots
 
     def find(self, po: int, kb: bytes, h: int, s0: int) -> tuple[int, int, int]:
         """Probe the page at ``po``: (slot offset, entry offset, first free slot offset).
 
-        Entry offset 0 means absent; the free slot is the first tombstone or the
-        empty slot that ended the probe (0 if the table has neither).
+        Entry offset 0 means absent, ``L.DAMAGED`` that a slot on the probe path
+        points outside the page's entries or the key's entry is dead (a torn view
+        without the lock; damage with it).  The free slot is the first tombstone
+        or the empty slot that ended the probe (0 if the table has neither).
         """
         mm = self._mm
         assert mm is not None
-        nslots = self._nslots
+        nslots, d0 = self._nslots, self._d0
+        bump = min(_u32_at(mm, po + L.OFF_BUMP)[0], self._ps)
         base = po + L.PAGE_HDR_SIZE
         klen = len(kb)
         free = 0
@@ -78,9 +89,13 @@ class Pager:
                 if not free:
                     free = so
             else:
+                if off < d0 or off & 7 or off + L.ENTRY_SIZE > bump:
+                    return so, L.DAMAGED, free
                 eo = po + off
-                _, eh, _, ek, _, _, _ = _entry_at(mm, eo)
+                _, eh, vlen, ek, _, dead, _ = _entry_at(mm, eo)
                 if eh == h and ek == klen and mm[eo + 24:eo + 24 + klen] == kb:
+                    if dead or off + L.ENTRY_SIZE + klen + vlen > bump:
+                        return so, L.DAMAGED, free
                     return so, eo, free
             i += 1
             if i == nslots:
@@ -90,16 +105,16 @@ class Pager:
     def holds(self, po: int, kb: bytes, h: int, s0: int) -> int:
         """Is the key in the page at ``po``?  1 yes, 0 no, -1 could not tell
         (writers kept the page busy on every try).  Seqlock-validated."""
-        mm = self._mm
-        assert mm is not None
+        assert self._w is not None
+        seq = self._w.u64
         for _ in range(READ_TRIES):
             try:
-                s = _seq_at(mm, po)[0]
+                s = seq[po >> 3]
                 if s & 1:
                     continue
-                found = self.find(po, kb, h, s0)[1] != 0
-                if _seq_at(mm, po)[0] == s:
-                    return int(found)
+                eo = self.find(po, kb, h, s0)[1]
+                if eo != L.DAMAGED and seq[po >> 3] == s:
+                    return int(eo != 0)
             except TORN:
                 continue
         return -1
@@ -128,34 +143,39 @@ class Pager:
     def read(self, kb: bytes) -> bytes | None | Literal[False]:
         """Lock-free read: the raw value, None (absent or expired), or False
         when writers kept the pages busy (the caller then reads under the lock)."""
-        mm = self._mm
-        assert mm is not None
+        mm, w = self._mm, self._w
+        assert mm is not None and w is not None
+        seq, u32 = w.u64, w.u32
         h, p1, p2, s0 = self.where(kb)
         po1, po2 = L.page_offset(self._ps, p1), L.page_offset(self._ps, p2)
         klen = len(kb)
         for _ in range(READ_TRIES):
             try:
-                s1 = _seq_at(mm, po1)[0]
+                s1 = seq[po1 >> 3]
                 if s1 & 1:
                     continue
                 so, eo, _ = self.find(po1, kb, h, s0)
                 po, s = po1, s1
+                if eo == L.DAMAGED:
+                    continue
                 if not eo and p2 != p1:
-                    s2 = _seq_at(mm, po2)[0]
+                    s2 = seq[po2 >> 3]
                     if s2 & 1:
                         continue
                     so, eo, _ = self.find(po2, kb, h, s0)
                     po, s = po2, s2
-                    if not eo and _seq_at(mm, po1)[0] != s1:
+                    if eo == L.DAMAGED:
+                        continue
+                    if not eo and seq[po1 >> 3] != s1:
                         continue
                 if not eo:
-                    if _seq_at(mm, po)[0] != s:
+                    if seq[po >> 3] != s:
                         continue
                     return None
                 exp, eh, vlen, ek, flags, _, crc = _entry_at(mm, eo)
                 start = eo + 24 + klen
                 value = mm[start:start + vlen]
-                if len(value) != vlen or _seq_at(mm, po)[0] != s:
+                if len(value) != vlen or seq[po >> 3] != s:
                     continue
             except TORN:
                 continue
@@ -165,8 +185,8 @@ class Pager:
             if exp and exp <= now:
                 return None
             t = L.tick(now)
-            if _u32_at(mm, so + 4)[0] != t:
-                L.U32.pack_into(mm, so + 4, t)  # LRU hint, deliberately unlocked (see _layout)
+            if u32[(so >> 2) + 1] != t:
+                u32[(so >> 2) + 1] = t  # LRU hint, deliberately unlocked (see _layout)
             return value
         return False
 
@@ -207,7 +227,8 @@ class Pager:
             raise
         if page < 0:
             return 0
-        return int(_seq_at(self._mm, L.page_offset(self._ps, page))[0] & 1)  # type: ignore[arg-type]
+        assert self._w is not None
+        return self._w.u64[L.page_offset(self._ps, page) >> 3] & 1
 
     def unlock(self, page: int) -> None:
         """Release a page's locks."""
@@ -218,7 +239,8 @@ class Pager:
 
     def bump(self, po: int) -> None:
         """seq += 1: odd before a page's first change, even after its last."""
-        L.SEQ.pack_into(self._mm, po, _seq_at(self._mm, po)[0] + 1)  # type: ignore[arg-type]
+        assert self._w is not None
+        self._w.u64[po >> 3] += 1
 
     def append(
         self, po: int, so: int, old_eo: int, kb: bytes, flags: int, h: int, vb: bytes,
@@ -228,33 +250,31 @@ class Pager:
         marking ``old_eo`` dead (0: a new key).  Returns False, changing nothing,
         when the page lacks the room or the slot.  ``bracket``: make seq odd/even
         around the change."""
-        mm = self._mm
-        assert mm is not None
+        mm, w = self._mm, self._w
+        assert mm is not None and w is not None
+        u32 = w.u32
         ne, used, bump, dead = L.COUNTS.unpack_from(mm, po + L.OFF_COUNTS)
         klen, vlen = len(kb), len(vb)
         span = L.entry_span(klen, vlen)
-        if bump + span > self._ps or not so:
-            return False
+        if bump < self._d0 or bump & 7 or bump + span > self._ps or not so:
+            return False  # no room, or a damaged bump: the caller rebuilds the page
         slot_empty = _u32_at(mm, so)[0] == L.SLOT_EMPTY
         if not old_eo and slot_empty and used >= self._max_used:
             return False
         if bracket:
             self.bump(po)
-        eo = po + bump
-        crc = crc32(vb, crc32(kb, crc32(L.ENTRY_HEAD.pack(exp_at, h, vlen, klen, flags))))
-        L.ENTRY.pack_into(mm, eo, exp_at, h, vlen, klen, flags, 0, crc)
-        mm[eo + 24:eo + 24 + klen] = kb
-        mm[eo + 24 + klen:eo + 24 + klen + vlen] = vb
-        L.U32.pack_into(mm, po + L.OFF_BUMP, bump + span)  # the entry exists (invariant 2) ...
-        L.SLOT.pack_into(mm, so, bump, L.tick(time.time()))  # ... then a slot points at it
+        mm[po + bump:po + bump + span] = L.pack_entry(exp_at, h, flags, kb, vb)
+        u32[(po + L.OFF_BUMP) >> 2] = bump + span  # the entry exists (invariant 3) ...
+        u32[(so >> 2) + 1] = L.tick(time.time())
+        u32[so >> 2] = bump  # ... then a slot points at it
         if old_eo:
             mm[old_eo + L.OFF_DEAD] = 1
             _, _, ovlen, oklen, _, _, _ = _entry_at(mm, old_eo)
-            dead += L.entry_span(oklen, ovlen)
+            u32[(po + L.OFF_DEADBYTES) >> 2] = (dead + L.entry_span(oklen, ovlen)) & L.U32_MASK
         else:
-            used += slot_empty
-            ne += 1
-        L.COUNTS.pack_into(mm, po + L.OFF_COUNTS, ne, used, bump + span, dead)
+            if slot_empty:
+                u32[(po + L.OFF_USED) >> 2] = (used + 1) & L.U32_MASK
+            u32[(po + L.OFF_ENTRIES) >> 2] = (ne + 1) & L.U32_MASK
         if bracket:
             self.bump(po)
         return True
@@ -283,4 +303,4 @@ else:
             RuntimeWarning, stacklevel=2,
         )
 
-__all__ = ["ACCELERATED", "FastPager", "PURE_ENV", "Pager"]
+__all__ = ["ACCELERATED", "PURE_ENV", "FastPager", "Pager"]

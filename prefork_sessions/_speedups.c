@@ -24,7 +24,12 @@
 #define FIB 0x9E3779B1u
 #define READ_TRIES 4
 #define OFF_COUNTS 8   /* _layout.OFF_COUNTS: entries, used, bump, dead follow seq */
+#define OFF_ENTRIES 8
+#define OFF_USED 12
+#define OFF_BUMP 16
+#define OFF_DEADBYTES 20
 #define OFF_DEAD 19
+#define DAMAGED (-1)   /* _layout.DAMAGED: the entry offset find() returns for a failed check */
 #ifndef F_OFD_SETLK
 #define F_OFD_SETLK 37
 #endif
@@ -35,7 +40,7 @@ typedef struct {
     int have_view;
     uint32_t seed;
     int fd;
-    Py_ssize_t npages, page_size, nslots, max_used;
+    Py_ssize_t npages, page_size, nslots, max_used, d0;
     PyThread_type_lock *locks;  /* one per page, [0] for the spare: threads of this process */
 } Pager;
 
@@ -82,14 +87,26 @@ static inline Py_ssize_t page_off(Pager *self, Py_ssize_t page) {
     return HEADER_SIZE + self->page_size * (page + 1);
 }
 
-/* Probe page at po for key. Returns 0 when done (found or not), -1 when the
- * page looked torn (only possible without the lock).  *so/*eo/*fr as in
- * _pager.Pager.find (absolute offsets; eo 0 = absent). */
+static inline uint32_t load32(const char *p) {
+    return __atomic_load_n((const uint32_t *)p, __ATOMIC_RELAXED);
+}
+
+static inline void store32(char *p, uint32_t v) {
+    __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELAXED);
+}
+
+/* Probe page at po for key. Returns 0 when done (found or not), -1 when a slot
+ * on the probe path points outside the page's entries or at the key's dead
+ * entry: a torn view without the lock, damage with it (_layout invariant 8).
+ * *so/*eo/*fr as in _pager.Pager.find (absolute offsets; eo 0 = absent). */
 static int probe(Pager *self, Py_ssize_t po, const char *k, Py_ssize_t klen, uint32_t h,
                  Py_ssize_t s0, Py_ssize_t *so_out, Py_ssize_t *eo_out, Py_ssize_t *free_out) {
     const char *buf = (const char *)self->view.buf;
-    Py_ssize_t nslots = self->nslots, ps = self->page_size;
+    Py_ssize_t nslots = self->nslots, d0 = self->d0;
+    Py_ssize_t bump = (Py_ssize_t)load32(buf + po + OFF_BUMP);
     Py_ssize_t base = po + PAGE_HDR_SIZE, i = s0, fr = 0;
+    if (bump > self->page_size) bump = self->page_size;
+    *so_out = 0; *eo_out = 0; *free_out = 0;
     for (Py_ssize_t step = 0; step < nslots; step++) {
         Py_ssize_t so = base + (i << 3);
         uint32_t off;
@@ -101,17 +118,22 @@ static int probe(Pager *self, Py_ssize_t po, const char *k, Py_ssize_t klen, uin
         if (off == SLOT_TOMB) {
             if (!fr) fr = so;
         } else {
-            if ((Py_ssize_t)off + ENTRY_SIZE > ps) return -1;
+            if ((Py_ssize_t)off < d0 || (off & 7) || (Py_ssize_t)off + ENTRY_SIZE > bump) {
+                *so_out = so; *free_out = fr;
+                return -1;
+            }
             Py_ssize_t eo = po + off;
-            uint32_t eh; uint16_t ek;
+            uint32_t eh, ev; uint16_t ek;
             memcpy(&eh, buf + eo + 8, 4);
+            memcpy(&ev, buf + eo + 12, 4);
             memcpy(&ek, buf + eo + 16, 2);
-            if (eh == h && ek == klen) {
-                if ((Py_ssize_t)off + ENTRY_SIZE + klen > ps) return -1;
-                if (memcmp(buf + eo + ENTRY_SIZE, k, (size_t)klen) == 0) {
-                    *so_out = so; *eo_out = eo; *free_out = fr;
-                    return 0;
-                }
+            if (eh == h && ek == klen && (Py_ssize_t)off + ENTRY_SIZE + klen <= bump
+                && memcmp(buf + eo + ENTRY_SIZE, k, (size_t)klen) == 0) {
+                *so_out = so; *free_out = fr;
+                if (buf[eo + OFF_DEAD] || (Py_ssize_t)off + ENTRY_SIZE + klen + (Py_ssize_t)ev > bump)
+                    return -1;
+                *eo_out = eo;
+                return 0;
             }
         }
         if (++i == nslots) i = 0;
@@ -160,10 +182,7 @@ static PyObject *Pager_find(Pager *self, PyObject *const *args, Py_ssize_t nargs
         PyErr_SetString(PyExc_ValueError, "page offset or slot out of range");
         return NULL;
     }
-    if (probe(self, po, k, klen, h, s0, &so, &eo, &fr) < 0) {
-        PyErr_SetString(PyExc_ValueError, "torn page");
-        return NULL;
-    }
+    if (probe(self, po, k, klen, h, s0, &so, &eo, &fr) < 0) eo = DAMAGED;
     return Py_BuildValue("(nnn)", so, eo, fr);
 }
 
@@ -251,7 +270,7 @@ static PyObject *Pager_read(Pager *self, PyObject *key) {
         }
         Entry e;
         read_entry(buf + eo, &e);
-        if (eo - po + ENTRY_SIZE + klen + (Py_ssize_t)e.vlen > ps) continue;
+        if (eo - po + ENTRY_SIZE + klen + (Py_ssize_t)e.vlen > ps || e.dead) continue;
         PyObject *value = PyBytes_FromStringAndSize(buf + eo + ENTRY_SIZE + klen, e.vlen);
         if (!value) return NULL;
         __atomic_thread_fence(__ATOMIC_ACQUIRE);  /* the copy is complete before seq is re-read */
@@ -411,7 +430,8 @@ static PyObject *Pager_append(Pager *self, PyObject *const *args, Py_ssize_t nar
     memcpy(counts, page + OFF_COUNTS, 16);
     Py_ssize_t span = (ENTRY_SIZE + klen + vlen + 7) & ~(Py_ssize_t)7;
     uint32_t cur;
-    if ((Py_ssize_t)counts[2] + span > ps || !so) Py_RETURN_FALSE;
+    if ((Py_ssize_t)counts[2] < self->d0 || (counts[2] & 7) || (Py_ssize_t)counts[2] + span > ps || !so)
+        Py_RETURN_FALSE;  /* no room, or a damaged bump: the caller rebuilds the page */
     memcpy(&cur, buf + so, 4);
     if (!old_eo && cur == SLOT_EMPTY && (Py_ssize_t)counts[1] >= self->max_used) Py_RETURN_FALSE;
     if (bracket) bump_seq(page);
@@ -427,24 +447,22 @@ static PyObject *Pager_append(Pager *self, PyObject *const *args, Py_ssize_t nar
     memcpy(e + ENTRY_SIZE, k, (size_t)klen);
     memcpy(e + ENTRY_SIZE + klen, v, (size_t)vlen);
     uint32_t at = counts[2];
-    counts[2] += (uint32_t)span;
-    /* the entry exists before bump passes it, and bump before a slot points at it */
-    __atomic_store_n((uint32_t *)(page + OFF_COUNTS + 8), counts[2], __ATOMIC_RELEASE);
+    /* the entry exists before bump passes it, and bump before a slot points at it;
+     * one store per field (_layout invariant 2) */
+    __atomic_store_n((uint32_t *)(page + OFF_BUMP), at + (uint32_t)span, __ATOMIC_RELEASE);
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
-    uint32_t slot[2] = {at, tick(&ts)};
+    store32(buf + so + 4, tick(&ts));
+    __atomic_store_n((uint32_t *)(buf + so), at, __ATOMIC_RELEASE);
     if (old_eo) {
-        memcpy(buf + so, slot, 8);
-        buf[old_eo + OFF_DEAD] = 1;
+        __atomic_store_n(buf + old_eo + OFF_DEAD, (char)1, __ATOMIC_RELEASE);
         uint32_t ov; uint16_t ok;
         memcpy(&ov, buf + old_eo + 12, 4); memcpy(&ok, buf + old_eo + 16, 2);
-        counts[3] += (uint32_t)((ENTRY_SIZE + ok + ov + 7) & ~7u);
+        store32(page + OFF_DEADBYTES, counts[3] + (uint32_t)((ENTRY_SIZE + ok + ov + 7) & ~7u));
     } else {
-        if (cur == SLOT_EMPTY) counts[1]++;
-        memcpy(buf + so, slot, 8);
-        counts[0]++;
+        if (cur == SLOT_EMPTY) store32(page + OFF_USED, counts[1] + 1);
+        store32(page + OFF_ENTRIES, counts[0] + 1);
     }
-    memcpy(page + OFF_COUNTS, counts, 16);
     if (bracket) bump_seq(page);
     Py_RETURN_TRUE;
 }
@@ -502,6 +520,7 @@ static int Pager_init(Pager *self, PyObject *args, PyObject *kw) {
     self->fd = fd;
     self->npages = npages; self->page_size = page_size; self->nslots = nslots;
     self->max_used = max_used;
+    self->d0 = PAGE_HDR_SIZE + nslots * 8;
     return 0;
 }
 
@@ -551,6 +570,18 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     Py_INCREF(&PagerType);
     if (PyModule_AddObject(m, "Pager", (PyObject *)&PagerType) < 0) {
         Py_DECREF(&PagerType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    /* the constants this file compiles in, for a test that they equal _layout's */
+    PyObject *layout = Py_BuildValue(
+        "{sisisisisisisisisisisisisisi}", "HEADER_SIZE", HEADER_SIZE, "PAGE_HDR_SIZE", PAGE_HDR_SIZE,
+        "ENTRY_SIZE", ENTRY_SIZE, "ENTRY_CRC_SPAN", ENTRY_CRC_SPAN, "SLOT_EMPTY", SLOT_EMPTY,
+        "SLOT_TOMB", SLOT_TOMB, "OFF_COUNTS", OFF_COUNTS, "OFF_ENTRIES", OFF_ENTRIES,
+        "OFF_USED", OFF_USED, "OFF_BUMP", OFF_BUMP, "OFF_DEADBYTES", OFF_DEADBYTES,
+        "OFF_DEAD", OFF_DEAD, "DAMAGED", DAMAGED, "TICKS_PER_SECOND", 16);
+    if (!layout || PyModule_AddObject(m, "LAYOUT", layout) < 0) {
+        Py_XDECREF(layout);
         Py_DECREF(m);
         return NULL;
     }

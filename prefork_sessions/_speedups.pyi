@@ -3,6 +3,8 @@
 import mmap
 from typing import Literal
 
+LAYOUT: dict[str, int]
+
 class Pager:
     def __init__(
         self, mm: mmap.mmap, fd: int, seed: int, npages: int, page_size: int, nslots: int, max_used: int

@@ -17,13 +17,13 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 from zlib import crc32
 
 from . import _layout as L
-from ._errors import LockTimeoutError, StoreClosedError, ValueTooLargeError
+from ._errors import FileFormatError, LockTimeoutError, StoreClosedError, ValueTooLargeError
 from ._file import open_or_create
-from ._pager import FastPager
+from ._pager import FastPager, pages_of
 from ._serializers import CallbackThreads, Codec
 
 __all__ = ["DEFAULT_CACHE_SIZE", "DEFAULT_LOCK_TIMEOUT", "DEFAULT_PAGE_SIZE", "NEVER", "MmapStore"]
@@ -42,6 +42,19 @@ _entry_at = L.ENTRY.unpack_from
 _counts_at = L.COUNTS.unpack_from
 
 _live_stores: weakref.WeakSet[MmapStore] = weakref.WeakSet()
+
+
+class _Entry(NamedTuple):
+    """An entry of a locked page that passed its checks (``MmapStore._parse``)."""
+
+    off: int  # within the page
+    span: int
+    vlen: int
+    key: bytes
+    h: int
+    flags: int
+    exp: float  # expire_at, 0.0 = never
+    dead: int
 
 
 def _after_fork_in_child() -> None:
@@ -122,6 +135,7 @@ class MmapStore:
             os.close(fd)
             raise
         self._max_used = int(geo.slots * L.MAX_LOAD)
+        self._w = L.Words(mm)
         self._pager = FastPager(mm, fd, geo.seed, geo.num_pages, geo.page_size, geo.slots, self._max_used)
         self.page_size, self.num_pages = geo.page_size, geo.num_pages
         self._seed, self._nslots = geo.seed, geo.slots
@@ -144,6 +158,7 @@ class MmapStore:
             return
         try:
             self._pager.close()
+            self._w.release()
             self._mm.close()
             os.close(self._fd)
         except (OSError, BufferError):
@@ -166,6 +181,7 @@ class MmapStore:
     def _close_file(self) -> None:
         if self._mm is not None:
             self._pager.close()
+            self._w.release()
             self._mm.close()
             os.close(self._fd)
         self._mm, self._fd = None, -1
@@ -265,12 +281,18 @@ class MmapStore:
     def _read_locked(self, kb: bytes) -> bytes | None:
         """Read under the page locks, when writers kept the lock-free read from settling.
 
-        With the pages locked the read settles at once unless the entry fails its
-        checksum (damage from outside the store): that reads as missing."""
+        With the pages locked the read settles at once unless a page fails its
+        checks (damage from outside the store): it is repaired, then read again."""
         _, p1, p2, _ = self._pager.where(kb)
         pages = self._lock_pages(p1, p2)
         try:
             found = self._pager.read(kb)
+            if found is False:  # with the pages locked, only damage keeps a read from settling
+                for p in pages:
+                    po = L.page_offset(self.page_size, p)
+                    if self._survey(p, po)[2]:
+                        self._repair(p, po)
+                found = self._pager.read(kb)
         finally:
             self._unlock_pages(pages)
         return None if found is False else found
@@ -369,11 +391,11 @@ class MmapStore:
                 assert mm is not None
                 for p in pages:
                     po = L.page_offset(self.page_size, p)
-                    so, eo, _ = self._pager.find(po, kb, h, s0)
+                    so, eo, _ = self._find(p, po, kb, h, s0)
                     if eo:
                         exp = _entry_at(mm, eo)[0]
                         self._pager.bump(po)
-                        self._kill(mm, po, so, eo)
+                        self._kill(po, so, eo, self._span_at(eo))
                         self._pager.bump(po)
                         return not (exp and exp <= time.time())
             finally:
@@ -391,7 +413,7 @@ class MmapStore:
 
         A key's first page is its home: every insert of the key locks it first,
         so two inserts of one key cannot race, and an update locks only the page
-        that holds the key (invariant 4).  A new key goes to the roomier page; its
+        that holds it (invariant 6).  A new key goes to the roomier page; its
         second page is locked too only then, waiting only in index order and
         otherwise just trying (a busy second page: stay home).
         """
@@ -407,7 +429,7 @@ class MmapStore:
             if page == p2 != p1:  # lives in its second page: update it there
                 self._lock(p2)
                 try:
-                    so, eo, _ = pager.find(po2, kb, h, s0)
+                    so, eo, _ = self._find(p2, po2, kb, h, s0)
                     if eo:
                         self._put(p2, po2, so, eo, kb, flags, h, s0, exp_at, vb, update)
                         return
@@ -416,12 +438,12 @@ class MmapStore:
                 continue  # deleted meanwhile: start over
             self._lock(p1)
             try:
-                so, eo, free = pager.find(po1, kb, h, s0)
+                so, eo, free = self._find(p1, po1, kb, h, s0)
                 if eo or p1 == p2:
                     self._put(p1, po1, so if eo else free, eo, kb, flags, h, s0, exp_at, vb, update)
                     return
                 # Not in p1; with p1 held nobody can insert it into p2, so what we
-                # see of p2 now is final (-1: p2 was too busy to tell).
+                # see of p2 now is final (-1: p2 was too busy, or failed a check).
                 in2 = pager.holds(po2, kb, h, s0)
                 if in2 > 0:
                     continue
@@ -431,7 +453,7 @@ class MmapStore:
                     continue
                 try:
                     if second:
-                        so2, eo2, free2 = pager.find(po2, kb, h, s0)
+                        so2, eo2, free2 = self._find(p2, po2, kb, h, s0)
                         if eo2 or roomier == p2:
                             self._put(p2, po2, so2 if eo2 else free2, eo2, kb, flags, h, s0, exp_at, vb, update)
                             return
@@ -459,212 +481,294 @@ class MmapStore:
                 raise
         return True
 
+    def _find(self, page: int, po: int, kb: bytes, h: int, s0: int) -> tuple[int, int, int]:
+        """The pager's ``find`` on a locked page, repairing the page first if it fails a check."""
+        found = self._pager.find(po, kb, h, s0)
+        if found[1] == L.DAMAGED:
+            self._repair(page, po)
+            found = self._pager.find(po, kb, h, s0)
+            if found[1] == L.DAMAGED:
+                raise self._meddled(page)
+        return found
+
+    def _meddled(self, page: int) -> FileFormatError:
+        return FileFormatError(
+            f"page {page} of {self.path} failed its checks again right after being repaired: "
+            "something other than prefork_sessions is writing to the file. Stop it, or move the "
+            "store to a path only this application uses."
+        )
+
     def _put(
         self, page: int, po: int, so: int, eo: int, kb: bytes, flags: int, h: int, s0: int,
         exp_at: float, vb: bytes, update: Callable[[bytes | None], bytes] | None,
     ) -> None:
         """With the page locked, write the key's new entry there: ``eo`` is its
         current entry (0: none) and ``so`` the slot to use (its own, or a free one)."""
-        pager, mm = self._pager, self._mm
+        mm = self._mm
         assert mm is not None
         if update is not None:
             old = None
             if eo:
-                oexp, _, ovlen, oklen, _, _, _ = _entry_at(mm, eo)
-                if not (oexp and oexp <= time.time()):
-                    old = mm[eo + 24 + oklen:eo + 24 + oklen + ovlen]
+                e = self._parse(page, po, eo - po, self.page_size, True)
+                if e is None:  # a damaged value is never handed to the callback
+                    self._repair(page, po)
+                    so, eo, free = self._find(page, po, kb, h, s0)
+                    so = so if eo else free
+                    e = self._parse(page, po, eo - po, self.page_size, True) if eo else None
+                if e is not None and not (e.exp and e.exp <= time.time()):
+                    start = eo + L.ENTRY_SIZE + len(kb)
+                    old = mm[start:start + e.vlen]
             vb = update(old)  # user code (get_and_set): the page is locked but unchanged
-        if pager.append(po, so, eo, kb, flags, h, vb, exp_at, True):
-            return
-        pager.bump(po)
-        try:
-            self._make_room(mm, page, po, L.entry_span(len(kb), len(vb)), eo, new_slot=not eo)
-            so, eo, free = pager.find(po, kb, h, s0)
-            if not pager.append(po, so if eo else free, eo, kb, flags, h, vb, exp_at, False):
-                raise AssertionError("no room in a page after making room")
-        finally:
-            pager.bump(po)
+        if not self._pager.append(po, so, eo, kb, flags, h, vb, exp_at, True):
+            self._replace(page, po, kb, L.pack_entry(exp_at, h, flags, kb, vb), h)
 
-    def _span_at(self, mm: mmap.mmap, eo: int) -> int:
-        _, _, vlen, klen, _, _, _ = _entry_at(mm, eo)
+    def _span_at(self, eo: int) -> int:
+        _, _, vlen, klen, _, _, _ = _entry_at(self._mm, eo)  # type: ignore[arg-type]
         return L.entry_span(klen, vlen)
 
-    def _kill(self, mm: mmap.mmap, po: int, so: int, eo: int) -> None:
-        """Remove a live entry (seq must be odd): tombstone its slot, mark it dead."""
-        ne, used, bump, dead = _counts_at(mm, po + L.OFF_COUNTS)
-        L.U32.pack_into(mm, so, L.SLOT_TOMB)
+    def _kill(self, po: int, so: int, eo: int, span: int) -> None:
+        """Remove a live entry (seq must be odd): tombstone its slot, mark it dead.
+        One store per field (invariant 2), so a kill between them leaves a page
+        that repair reads right."""
+        mm, u32 = self._mm, self._w.u32
+        assert mm is not None
+        ne, _, _, dead = _counts_at(mm, po + L.OFF_COUNTS)
+        u32[so >> 2] = L.SLOT_TOMB
         mm[eo + L.OFF_DEAD] = 1
-        L.COUNTS.pack_into(mm, po + L.OFF_COUNTS, ne - 1, used, bump, dead + self._span_at(mm, eo))
+        u32[(po + L.OFF_ENTRIES) >> 2] = (ne - 1) & L.U32_MASK  # counts wrap as in C: repair fixes
+        u32[(po + L.OFF_DEADBYTES) >> 2] = (dead + span) & L.U32_MASK  # what damage did to them
 
-    def _live(self, mm: mmap.mmap, po: int) -> Iterator[tuple[int, int, int, float]]:
-        """(slot offset, entry offset, last access, expire_at) of each live entry of a page."""
-        base = po + L.PAGE_HDR_SIZE
+    def _add_counter(self, at: int, n: int) -> None:
+        self._w.u64[at >> 3] += n
+
+    # ------------------------------------------------------------------ surveys, images, repair
+
+    def _parse(self, page: int, po: int, off: int, limit: int, crc: bool) -> _Entry | None:
+        """The entry at ``off`` in a locked page if it is whole: aligned, inside
+        ``[data start, limit)``, its key hashing to this page (and decodable if it
+        was a str), its checksum valid (when ``crc``).  None otherwise."""
+        mm = self._mm
+        assert mm is not None
+        if off < self._d0 or off & 7 or off + L.ENTRY_SIZE > limit:
+            return None
+        eo = po + off
+        exp, h, vlen, klen, flags, dead, want = _entry_at(mm, eo)
+        span = L.entry_span(klen, vlen)
+        if off + span > limit:
+            return None
+        kb = mm[eo + L.ENTRY_SIZE:eo + L.ENTRY_SIZE + klen]
+        if crc and crc32(mm[eo + L.ENTRY_SIZE + klen:eo + L.ENTRY_SIZE + klen + vlen],
+                         crc32(kb, crc32(mm[eo:eo + L.ENTRY_CRC_SPAN]))) != want:
+            return None
+        if h != crc32(kb, self._seed) or page not in pages_of(h, self.num_pages):
+            return None
+        if flags & L.FLAG_STR_KEY:
+            try:
+                kb.decode()
+            except UnicodeDecodeError:
+                return None
+        return _Entry(off, span, vlen, kb, h, flags, exp, dead)
+
+    def _survey(self, page: int, po: int) -> tuple[list[_Entry], dict[int, int], list[str]]:
+        """Read a locked page by the repair rules (invariant 4), trusting no count.
+
+        Returns its live entries in data order, their last-access ticks (by
+        offset), and what is wrong with the page ([] when sound)."""
+        mm = self._mm
+        assert mm is not None
+        ps, base = self.page_size, po + L.PAGE_HDR_SIZE
+        atimes: dict[int, int] = {}
+        tombs = 0
+        problems: list[str] = []
         for i in range(self._nslots):
             off, atime = _slot_at(mm, base + (i << 3))
-            if off > L.SLOT_TOMB:
-                yield base + (i << 3), po + off, atime, _entry_at(mm, po + off)[0]
-
-    def _make_room(self, mm: mmap.mmap, page: int, po: int, span: int, keep: int, new_slot: bool) -> None:
-        """Free ``span`` contiguous bytes (and a slot if ``new_slot``): expired entries
-        first, then least recently used ones, never ``keep`` unless nothing else is left."""
-        now = time.time()
-        t = L.tick(now)
-        entries = sorted(self._live(mm, po), key=lambda e: (t - e[2]) & L.TICK_MASK, reverse=True)
-        expired = [e for e in entries if e[3] and e[3] <= now]
-        for so, eo, _, _ in expired:
-            self._kill(mm, po, so, eo)
-            if eo == keep:
-                keep = 0
-        if expired:
-            self._add_counter(mm, po + L.OFF_EXPIRATIONS, len(expired))
-        evicted = 0
-        for so, eo, _, exp in entries:
-            ne, _, bump, dead = _counts_at(mm, po + L.OFF_COUNTS)
-            if self.page_size - bump + dead >= span and not (new_slot and ne >= self._max_used):
-                break
-            if (exp and exp <= now) or eo == keep:
-                continue
-            self._kill(mm, po, so, eo)
-            evicted += 1
-        if evicted:
-            self._add_counter(mm, po + L.OFF_EVICTIONS, evicted)
-        ne, used, bump, dead = _counts_at(mm, po + L.OFF_COUNTS)
-        if keep and self.page_size - bump + dead < span:
-            self._kill(mm, po, *self._slot_of(mm, po, keep))  # the replaced value itself must go
-        if bump + span > self.page_size or (new_slot and used >= self._max_used):
-            self._compact(mm, page, po)
-
-    def _slot_of(self, mm: mmap.mmap, po: int, eo: int) -> tuple[int, int]:
-        for so, e, _, _ in self._live(mm, po):
-            if e == eo:
-                return so, eo
-        raise AssertionError("a live entry without a slot")
-
-    @staticmethod
-    def _add_counter(mm: mmap.mmap, at: int, n: int) -> None:
-        L.U64.pack_into(mm, at, L.U64.unpack_from(mm, at)[0] + n)
-
-    # ------------------------------------------------------------------ compaction and repair
-
-    def _image(self, mm: mmap.mmap, po: int, entries: list[tuple[int, int]]) -> bytearray:
-        """A compacted page image holding ``entries`` ((entry offset, last access), in write order)."""
-        ps, nslots, n = self.page_size, self._nslots, self.num_pages
-        img = bytearray(ps)
-        img[:L.PAGE_HDR_SIZE] = mm[po:po + L.PAGE_HDR_SIZE]
+            if off == L.SLOT_TOMB:
+                tombs += 1
+            elif off:
+                if off in atimes:
+                    problems.append(f"two slots point at offset {off}")
+                atimes[off] = atime
+        latest: dict[bytes, _Entry] = {}
         pos = self._d0
-        base = L.PAGE_HDR_SIZE
-        for eo, atime in entries:
-            span = self._span_at(mm, eo)
-            img[pos:pos + span] = mm[eo:eo + span]
-            i = (_entry_at(mm, eo)[1] // n) % nslots
+        while (e := self._parse(page, po, pos, ps, True)) is not None:
+            latest[e.key] = e  # write order: a later entry of a key replaces an earlier one
+            pos += e.span
+        ne, used, bump, dead = _counts_at(mm, po + L.OFF_COUNTS)
+        if pos != bump:
+            problems.append(f"its entries end at offset {pos}, its header says {bump}")
+        for off in sorted(atimes):  # past where the walk stopped: only after damage
+            if off >= pos:
+                e = self._parse(page, po, off, ps, True)
+                if e is None or e.dead:
+                    problems.append(f"a slot points at offset {off}, where no whole live entry is")
+                else:
+                    latest[e.key] = e
+        live = sorted((e for e in latest.values() if not e.dead), key=lambda e: e.off)
+        if set(atimes) != {e.off for e in live}:
+            problems.append("its slot table disagrees with its entries")
+        live_bytes = sum(e.span for e in live)
+        if (ne, used, bump - self._d0 - dead) != (len(live), len(live) + tombs, live_bytes):
+            problems.append(
+                f"its counters (entries {ne}, used slots {used}, live bytes {bump - self._d0 - dead}) "
+                f"disagree with its entries ({len(live)}, {len(live) + tombs}, {live_bytes})"
+            )
+        return live, atimes, problems
+
+    def _image(
+        self, po: int, keep: list[_Entry], atimes: dict[int, int], new: tuple[bytes, int] | None,
+        evicted: int, expired: int, recovered: int,
+    ) -> tuple[bytearray, int]:
+        """A page image holding ``keep`` (entries of the page at ``po``, in data order)
+        and then ``new`` (packed entry, hash), with the page's counters advanced.
+        Returns the image and where its entries end; the rest of it is zeros."""
+        mm = self._mm
+        assert mm is not None
+        ps, nslots, n, base = self.page_size, self._nslots, self.num_pages, L.PAGE_HDR_SIZE
+        img = bytearray(ps)
+        pos = self._d0
+        now = L.tick(time.time())
+
+        def place(h: int, atime: int) -> None:
+            i = (h // n) % nslots
             while _u32_at(img, base + (i << 3))[0]:
                 i = (i + 1) % nslots
             L.SLOT.pack_into(img, base + (i << 3), pos, atime)
-            pos += span
-        L.COUNTS.pack_into(img, L.OFF_COUNTS, len(entries), len(entries), pos, 0)
-        return img
 
-    def _compact(self, mm: mmap.mmap, page: int, po: int) -> None:
-        """Rewrite a locked page (seq odd) without dead entries and tombstones, via the spare."""
-        live = sorted((eo, atime) for _, eo, atime, _ in self._live(mm, po))
-        img = self._image(mm, po, live)
-        end = _u32_at(img, L.OFF_BUMP)[0]  # nothing past the new bump matters: copy up to it
+        for e in keep:
+            img[pos:pos + e.span] = mm[po + e.off:po + e.off + e.span]
+            place(e.h, atimes.get(e.off, now))
+            pos += e.span
+        count = len(keep)
+        if new is not None:
+            raw, h = new
+            img[pos:pos + len(raw)] = raw
+            place(h, now)
+            pos += len(raw)
+            count += 1
+        _, _, _, _, _, ev, ex, rec = L.PAGE_HDR.unpack_from(mm, po)
+        L.PAGE_HDR.pack_into(img, 0, 0, count, count, pos, 0, ev + evicted, ex + expired, rec + recovered)
+        return img, pos
+
+    def _install(self, page: int, po: int, img: bytearray, end: int) -> None:
+        """Replace a page by ``img`` through the spare (invariant 5).  The page and
+        the spare are locked, the page's seq is odd; a kill at any instant leaves
+        either the old page or, via the spare, the new one."""
+        mm, u32 = self._mm, self._w.u32
+        assert mm is not None
         spare = L.page_offset(self.page_size, L.SPARE_LOCK)
+        body = memoryview(img)[L.OFF_COUNTS:]
+        mm[spare + L.OFF_COUNTS:spare + end] = body[:end - L.OFF_COUNTS]
+        u32[L.OFF_SPARE_TARGET >> 2] = page
+        u32[L.OFF_SPARE_END >> 2] = end
+        u32[L.OFF_SPARE_CRC >> 2] = crc32(body[:end - L.OFF_COUNTS])
+        u32[L.SPARE_STATE_OFF >> 2] = L.SPARE_VALID
+        mm[po + L.OFF_COUNTS:po + self.page_size] = body
+        u32[L.SPARE_STATE_OFF >> 2] = L.SPARE_EMPTY
+
+    def _settle_spare(self) -> None:
+        """With the spare locked: finish a page replacement a dead process left half-copied.
+
+        Only onto a page whose seq is still odd (its writer died mid-change, and its
+        next locker repairs it only after taking the spare, so nobody else touches
+        it meanwhile) and only an image whose checksum holds: a damaged spare state
+        can never overwrite a sound page."""
+        mm, u32 = self._mm, self._w.u32
+        assert mm is not None
+        if u32[L.SPARE_STATE_OFF >> 2] == L.SPARE_EMPTY:
+            return
+        state, target, end, want = L.SPARE_STATE.unpack_from(mm, L.SPARE_STATE_OFF)
+        ps = self.page_size
+        if state == L.SPARE_VALID and target < self.num_pages and L.OFF_COUNTS < end <= ps and not end & 7:
+            spare, po = L.page_offset(ps, L.SPARE_LOCK), L.page_offset(ps, target)
+            image = mm[spare + L.OFF_COUNTS:spare + end]
+            if self._w.u64[po >> 3] & 1 and crc32(image) == want:
+                mm[po + L.OFF_COUNTS:po + end] = image
+                mm[po + end:po + ps] = bytes(ps - end)
+        u32[L.SPARE_STATE_OFF >> 2] = L.SPARE_EMPTY
+
+    def _replace(self, page: int, po: int, kb: bytes, raw: bytes, h: int) -> None:
+        """With the page locked and sound, put the packed entry ``raw`` of key ``kb``
+        there in place of its old one, making room: without dead entries, then
+        without expired ones, then without the least recently used.  One atomic
+        page replacement through the spare, which is locked before anything
+        changes: a kill or a LockTimeoutError leaves the page as it was."""
+        live, atimes, problems = self._survey(page, po)
+        now = time.time()
+        keep = [e for e in live if e.key != kb and not (e.exp and e.exp <= now)]
+        expired = len(live) - len(keep) - sum(e.key == kb and not (e.exp and e.exp <= now) for e in live)
+        room = self.page_size - self._d0 - len(raw)
+        used = sum(e.span for e in keep)
+        evicted = 0
+        if used > room or len(keep) >= self._max_used:
+            t = L.tick(now)
+            gone: set[int] = set()
+            for e in sorted(keep, key=lambda e: (t - atimes.get(e.off, t)) & L.TICK_MASK, reverse=True):
+                if used <= room and len(keep) - len(gone) < self._max_used:
+                    break
+                gone.add(e.off)
+                used -= e.span
+            keep = [e for e in keep if e.off not in gone]
+            evicted = len(gone)
+        img, end = self._image(po, keep, atimes, (raw, h), evicted, expired, 1 if problems else 0)
         self._lock(L.SPARE_LOCK)
         try:
-            self._settle_spare(mm)
-            mm[spare + L.OFF_COUNTS:spare + end] = img[L.OFF_COUNTS:end]
-            L.SPARE_STATE.pack_into(mm, L.SPARE_STATE_OFF, L.SPARE_VALID, page, end)
-            mm[po + L.OFF_COUNTS:po + end] = img[L.OFF_COUNTS:end]
-            L.SPARE_STATE.pack_into(mm, L.SPARE_STATE_OFF, L.SPARE_EMPTY, 0, 0)
+            self._settle_spare()
+            self._pager.bump(po)
+            self._install(page, po, img, end)
+            self._pager.bump(po)
         finally:
             self._pager.unlock(L.SPARE_LOCK)
 
-    def _settle_spare(self, mm: mmap.mmap) -> None:
-        """With the spare locked: finish a compaction a dead process left half-copied.
+    def _repair(self, page: int, po: int) -> list[str]:
+        """Rebuild a locked page from the entries that pass their checks (invariant 4):
+        after a writer died mid-change (seq odd) or when a check failed.  Loses at
+        most the write that was in flight, or the damaged entries.  Returns the
+        problems the page had."""
+        self._lock(L.SPARE_LOCK)
+        try:
+            self._settle_spare()  # first: the dead writer may have been replacing this page
+            live, atimes, problems = self._survey(page, po)
+            now = time.time()
+            keep = [e for e in live if not (e.exp and e.exp <= now)]
+            keep = keep[-self._max_used:]  # more than the slots allow: only after damage
+            img, end = self._image(po, keep, atimes, None, 0, len(live) - len(keep), 1)
+            if not self._w.u64[po >> 3] & 1:
+                self._pager.bump(po)
+            self._install(page, po, img, end)
+            self._pager.bump(po)
+        finally:
+            self._pager.unlock(L.SPARE_LOCK)
+        return problems
 
-        The target page's seq is still odd, so nobody modifies it; its next locker
-        repairs it (and waits for the spare first), so restoring it here is safe.
-        """
-        state, target, end = L.SPARE_STATE.unpack_from(mm, L.SPARE_STATE_OFF)
-        if state == L.SPARE_VALID and 0 <= target < self.num_pages and L.OFF_COUNTS < end <= self.page_size:
-            spare = L.page_offset(self.page_size, L.SPARE_LOCK)
-            po = L.page_offset(self.page_size, target)
-            mm[po + L.OFF_COUNTS:po + end] = mm[spare + L.OFF_COUNTS:spare + end]
-        L.SPARE_STATE.pack_into(mm, L.SPARE_STATE_OFF, L.SPARE_EMPTY, 0, 0)
-
-    def _repair(self, page: int, po: int) -> None:
-        """A writer died mid-change (seq odd under our lock): rebuild the page from its entries.
-
-        Every entry in [data, bump) was complete before bump passed it, so the
-        walk keeps every acknowledged value; for a key written twice, the later
-        entry wins.  Loses at most the write that was in flight.
-        """
+    def _entries(self, page: int, po: int) -> list[tuple[int, _Entry]]:
+        """(slot offset, entry) of each live entry of a locked page, by its slot
+        table, each checked (no checksum: values are not read); a page that fails
+        is repaired first."""
         mm = self._mm
         assert mm is not None
-        self._lock(L.SPARE_LOCK)
-        try:
-            self._settle_spare(mm)
-        finally:
-            self._pager.unlock(L.SPARE_LOCK)
-        atimes = {}
         base = po + L.PAGE_HDR_SIZE
-        for i in range(self._nslots):
-            off, atime = _slot_at(mm, base + (i << 3))
-            atimes[off] = atime
-        bump = min(max(_u32_at(mm, po + L.OFF_BUMP)[0], self._d0), self.page_size)
-        now = time.time()
-        t = L.tick(now)
-        latest: dict[bytes, tuple[int, int]] = {}
-        expired = 0
-        pos = self._d0
-        while pos + L.ENTRY_SIZE <= bump:
-            exp, _, vlen, klen, _, dead, crc = _entry_at(mm, po + pos)
-            span = L.entry_span(klen, vlen)
-            eo = po + pos
-            if pos + span > bump or crc32(mm[eo + 24:eo + 24 + klen + vlen], crc32(mm[eo:eo + L.ENTRY_CRC_SPAN])) != crc:
-                # A writer moves bump only past a complete entry, so no crash leaves a torn
-                # one here: this is damage from outside, after which entry boundaries
-                # cannot be trusted.  Keep what came before.
-                bump = pos
-                break
-            if not dead:
-                key = mm[eo + 24:eo + 24 + klen]
-                if key in latest:
-                    mm[latest[key][0] + L.OFF_DEAD] = 1
-                if exp and exp <= now:
-                    mm[eo + L.OFF_DEAD] = 1
-                    latest.pop(key, None)
-                    expired += 1
-                else:
-                    latest[key] = (eo, atimes.get(pos, t))
-            pos += span
-        mm[base:base + (self._nslots << 3)] = bytes(self._nslots << 3)
-        L.COUNTS.pack_into(mm, po + L.OFF_COUNTS, 0, 0, bump, 0)
-        keep = sorted(latest.values())
-        for eo, _ in keep[:-self._max_used]:  # more than the slots allow: only after damage
-            mm[eo + L.OFF_DEAD] = 1
-        self._rebuild_slots(mm, po, keep[-self._max_used:], bump)
-        self._add_counter(mm, po + L.OFF_EXPIRATIONS, expired)
-        self._add_counter(mm, po + L.OFF_RECOVERIES, 1)
-        self._pager.bump(po)
-
-    def _rebuild_slots(self, mm: mmap.mmap, po: int, entries: list[tuple[int, int]], bump: int) -> None:
-        nslots, n = self._nslots, self.num_pages
-        base = po + L.PAGE_HDR_SIZE
-        live = 0
-        for eo, atime in entries:
-            i = (_entry_at(mm, eo)[1] // n) % nslots
-            while _u32_at(mm, base + (i << 3))[0]:
-                i = (i + 1) % nslots
-            L.SLOT.pack_into(mm, base + (i << 3), eo - po, atime)
-            live += self._span_at(mm, eo)
-        L.COUNTS.pack_into(mm, po + L.OFF_COUNTS, len(entries), len(entries), bump, bump - self._d0 - live)
+        for _ in range(2):
+            bump = min(_u32_at(mm, po + L.OFF_BUMP)[0], self.page_size)
+            out: list[tuple[int, _Entry]] = []
+            keys: set[bytes] = set()
+            for i in range(self._nslots):
+                so = base + (i << 3)
+                off = _u32_at(mm, so)[0]
+                if off > L.SLOT_TOMB:
+                    e = self._parse(page, po, off, bump, False)
+                    if e is None or e.dead or e.key in keys:
+                        break
+                    keys.add(e.key)
+                    out.append((so, e))
+            else:
+                return out
+            self._repair(page, po)
+        raise self._meddled(page)
 
     # ------------------------------------------------------------------ whole-store operations
 
-    def _each_page(self) -> Iterator[tuple[mmap.mmap, int]]:
-        """Lock each page in turn and yield (map, page offset); unlocks after each step."""
+    def _each_page(self) -> Iterator[tuple[int, int]]:
+        """Lock each page in turn and yield (page, page offset); unlocks after each step."""
         if self._busy:
             self._busy.check()
         if self._mm is None:
@@ -672,46 +776,46 @@ class MmapStore:
         for page in range(self.num_pages):
             self._lock(page)
             try:
-                mm = self._mm
-                assert mm is not None
-                yield mm, L.page_offset(self.page_size, page)
+                yield page, L.page_offset(self.page_size, page)
             finally:
                 self._pager.unlock(page)
 
     def purge(self) -> int:
         """Remove expired entries from every page; returns how many were removed."""
         removed = 0
-        for mm, po in self._each_page():
+        for page, po in self._each_page():
             now = time.time()
-            expired = [(so, eo) for so, eo, _, exp in self._live(mm, po) if exp and exp <= now]
+            expired = [(so, e) for so, e in self._entries(page, po) if e.exp and e.exp <= now]
             if expired:
                 self._pager.bump(po)
-                for so, eo in expired:
-                    self._kill(mm, po, so, eo)
-                self._add_counter(mm, po + L.OFF_EXPIRATIONS, len(expired))
+                for so, e in expired:
+                    self._kill(po, so, po + e.off, e.span)
+                self._add_counter(po + L.OFF_EXPIRATIONS, len(expired))
                 self._pager.bump(po)
                 removed += len(expired)
         return removed
 
     def clear(self) -> None:
         """Remove every entry (counters are kept)."""
-        for mm, po in self._each_page():
+        zeros = bytes(self.page_size - L.PAGE_HDR_SIZE)
+        for _, po in self._each_page():
+            mm, u32 = self._mm, self._w.u32
+            assert mm is not None
             self._pager.bump(po)
-            L.U32.pack_into(mm, po + L.OFF_BUMP, self._d0)  # first, so a crash here repairs to empty
-            mm[po + L.PAGE_HDR_SIZE:po + self._d0] = bytes(self._d0 - L.PAGE_HDR_SIZE)
-            L.COUNTS.pack_into(mm, po + L.OFF_COUNTS, 0, 0, self._d0, 0)
+            u32[(po + L.OFF_BUMP) >> 2] = self._d0  # first: a kill from here on repairs to empty
+            mm[po + L.PAGE_HDR_SIZE:po + self.page_size] = zeros
+            for off in (L.OFF_ENTRIES, L.OFF_USED, L.OFF_DEADBYTES):
+                u32[(po + off) >> 2] = 0
             self._pager.bump(po)
 
     def keys(self) -> list[str | bytes]:
         """The live (unexpired) keys, as the str or bytes they were stored with."""
         out: list[str | bytes] = []
-        for mm, po in self._each_page():
+        for page, po in self._each_page():
             now = time.time()
-            for _, eo, _, exp in self._live(mm, po):
-                if not (exp and exp <= now):
-                    _, _, _, klen, flags, _, _ = _entry_at(mm, eo)
-                    kb = mm[eo + 24:eo + 24 + klen]
-                    out.append(kb.decode() if flags & L.FLAG_STR_KEY else kb)
+            for _, e in self._entries(page, po):
+                if not (e.exp and e.exp <= now):
+                    out.append(e.key.decode() if e.flags & L.FLAG_STR_KEY else e.key)
         return out
 
     def __len__(self) -> int:
@@ -752,40 +856,39 @@ class MmapStore:
         }
 
     def check(self) -> list[str]:
-        """Verify every page (locking each, which repairs any a dead writer left):
-        checksums, slot table, counters, and no key in two pages.  Returns the
-        problems found; an empty list means the file is sound."""
+        """Verify every page and repair what fails: entry checksums, the slot table,
+        the counters, and no key in two pages.  Returns the problems found, each
+        saying what the repair lost; an empty list means the file was sound.
+        Pages a dead writer left mid-change are repaired on the way without being
+        problems (``stats()["recovered_pages"]`` counts them)."""
         problems: list[str] = []
         seen: dict[bytes, int] = {}
-        for mm, po in self._each_page():
-            page = (po - L.HEADER_SIZE) // self.page_size - 1
-            ne, used, bump, dead = _counts_at(mm, po + L.OFF_COUNTS)
-            live = tombs = live_bytes = 0
-            for i in range(self._nslots):
-                off = _u32_at(mm, po + L.PAGE_HDR_SIZE + (i << 3))[0]
-                if off == L.SLOT_TOMB:
-                    tombs += 1
-                elif off:
-                    eo = po + off
-                    if not self._d0 <= off < bump:
-                        problems.append(f"page {page}: slot {i} points outside the data area")
-                        continue
-                    _, h, vlen, klen, _, is_dead, crc = _entry_at(mm, eo)
-                    kb = mm[eo + 24:eo + 24 + klen]
-                    body = mm[eo + 24:eo + 24 + klen + vlen]
-                    if is_dead or crc32(body, crc32(mm[eo:eo + L.ENTRY_CRC_SPAN])) != crc:
-                        problems.append(f"page {page}: slot {i} holds a dead or damaged entry")
-                        continue
-                    if h != crc32(kb, self._seed) or page not in self._pager.where(kb)[1:3]:
-                        problems.append(f"page {page}: key {kb!r} is in a page it does not hash to")
-                    if kb in seen:
-                        problems.append(f"key {kb!r} is in pages {seen[kb]} and {page}")
-                    seen[kb] = page
-                    live += 1
-                    live_bytes += L.entry_span(klen, vlen)
-            if (live, live + tombs) != (ne, used) or bump - self._d0 - dead != live_bytes:
-                problems.append(
-                    f"page {page}: counters (entries {ne}, used {used}, live bytes "
-                    f"{bump - self._d0 - dead}) disagree with its slots ({live}, {live + tombs}, {live_bytes})"
-                )
+        twice: list[tuple[bytes, int]] = []  # (key, hash) seen in both of its pages
+        for page, po in self._each_page():
+            _, atimes, found = self._survey(page, po)
+            if found:
+                self._repair(page, po)
+            entries = self._entries(page, po)
+            if found:
+                lost = max(0, len(atimes) - len(entries))
+                problems.append(f"page {page}: {'; '.join(found)}; repaired, {lost} of {len(atimes)} entries lost")
+            for _, e in entries:
+                if e.key in seen:
+                    twice.append((e.key, e.h))
+                seen[e.key] = page
+        for kb, h in twice:  # a writer may have moved it meanwhile: look again, both pages locked
+            p1, p2 = pages_of(h, self.num_pages)
+            s0 = (h // self.num_pages) % self._nslots
+            pages = self._lock_pages(p1, p2)
+            try:
+                po1, po2 = L.page_offset(self.page_size, p1), L.page_offset(self.page_size, p2)
+                if self._find(p1, po1, kb, h, s0)[1]:
+                    so, eo, _ = self._find(p2, po2, kb, h, s0)
+                    if eo:  # readers see the home page's copy: the other one goes
+                        problems.append(f"key {kb!r} is in pages {p1} and {p2}; removed from page {p2}")
+                        self._pager.bump(po2)
+                        self._kill(po2, so, eo, self._span_at(eo))
+                        self._pager.bump(po2)
+            finally:
+                self._unlock_pages(pages)
         return problems

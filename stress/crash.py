@@ -106,7 +106,10 @@ OPS = [SET_INSERT, SET_OVERWRITE, GAS, DELETE, PURGE, CHECK, CLEAR, B_SET, FILLE
 PHASES = [MAKE_ROOM, EVICT, COMPACT, REPAIR]
 # The store's internal steps a writer marks in its status byte (private methods of
 # MmapStore, wrapped in the writer process only; one that is missing is reported).
-HOOKS = {"_make_room": MAKE_ROOM, "_compact": COMPACT, "_repair": REPAIR}
+# _replace makes room in a page (dropping dead, expired and, if it must, live entries)
+# and _install writes the new page image through the spare; _image says how many
+# live entries the image leaves out (evictions).
+HOOKS = {"_replace": MAKE_ROOM, "_install": COMPACT, "_repair": REPAIR}
 # Writer op mix (relative weights).  Long operations (purge, check, clear) are rare:
 # the supervisor hunts for them, so they still get their share of kills.
 MIX = {SET_INSERT: 30, GAS: 18, DELETE: 10, FILLER: 16, JUNK: 10, B_SET: 5,
@@ -181,7 +184,6 @@ class Probe:
 
     def install(self, store: MmapStore) -> list[str]:
         """Wrap ``store``'s steps; returns the names it lacks (those are not tracked)."""
-        from prefork_sessions import _layout as L
 
         status, orders, idx, rnd = self.status, self.orders, self.idx, self.rnd
         missing = []
@@ -203,21 +205,20 @@ class Probe:
                     status[idx] = before
 
             setattr(store, name, hooked)
-        real_kill = getattr(store, "_kill", None)
-        if real_kill is None:
-            return [*missing, "_kill"]
+        real_image = getattr(store, "_image", None)
+        if real_image is None:
+            return [*missing, "_image"]
 
-        def kill_hook(mm: mmap.mmap, po: int, so: int, eo: int) -> None:
-            """Inside make-room, removing an unexpired entry is an eviction."""
-            if status[idx] & MAKE_ROOM:
-                exp = L.ENTRY.unpack_from(mm, eo)[0]
-                if not exp or exp > time.time():
-                    status[idx] |= EVICT
-                    if orders[idx] == EVICT:
-                        self.arm(MAKE_ROOM, rnd.uniform(1e-6, self.phase_time))
-            real_kill(mm, po, so, eo)
+        def image_hook(*a: Any, **kw: Any) -> Any:
+            """Inside make-room, an image that leaves out live entries is an eviction."""
+            evicted = kw["evicted"] if "evicted" in kw else a[4]
+            if status[idx] & MAKE_ROOM and evicted:
+                status[idx] |= EVICT
+                if orders[idx] == EVICT:
+                    self.arm(MAKE_ROOM, rnd.uniform(1e-6, self.phase_time))
+            return real_image(*a, **kw)
 
-        store._kill = kill_hook  # in this writer process only
+        store._image = image_hook  # in this writer process only
         return missing
 
 
@@ -780,7 +781,7 @@ def run(ns: argparse.Namespace, tmp: Path) -> int:
                        lock_timeout=20)
     sup = Supervisor(store, bstore, ns)
     sup.place_bystanders()
-    missing_hooks = sorted(n for n in [*HOOKS, "_kill"] if getattr(store, n, None) is None)
+    missing_hooks = sorted(n for n in [*HOOKS, "_image"] if getattr(store, n, None) is None)
     rnd = random.Random(ns.seed)
     for slot in sup.slots:
         sup.start(slot)

@@ -11,7 +11,11 @@ import pytest
 from prefork_sessions import MmapStore, _pager, _store
 
 
-@pytest.fixture(params=["c", "python"])
+# PREFORK_SESSIONS_PURE=1 chose the reference for the whole run: there is no C variant to test.
+PAGERS = ["c", "python"] if _pager.ACCELERATED or _pager.PURE_ENV not in os.environ else ["python"]
+
+
+@pytest.fixture(params=PAGERS)
 def pager_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test with the C hot path and again with the pure-Python reference."""
     if request.param == "c":

@@ -300,15 +300,33 @@ def test_pickle_serializer_stores_pickles(make_store: Make) -> None:
     assert pickle.loads(raw.get("k")) == ("tuple", 1)
 
 
-def test_damaged_entry_reads_as_missing_and_check_reports_it(make_store: Make) -> None:
-    store = make_store(serializer="raw")
+def test_damaged_entry_reads_as_missing_and_check_repairs_the_page(make_store: Make) -> None:
+    store = make_store(serializer="raw", cache_size=16 << 10)  # one page
     store.set("k", b"A" * 100)
+    store.set("other", b"B" * 100)  # after the damaged entry in the data area
+    with open(store.path, "r+b") as f:
+        at = f.read().index(b"A" * 100)
+        f.seek(at + 50)
+        f.write(b"Z")
+    problems = store.check()
+    assert len(problems) == 1 and "page 0:" in problems[0] and "1 of 2 entries lost" in problems[0], problems
+    assert store.get("k") is None
+    assert store.get("other") == b"B" * 100
+    assert store.check() == []
+
+
+def test_a_read_that_meets_damage_repairs_the_page(make_store: Make) -> None:
+    store = make_store(serializer="raw", cache_size=16 << 10)  # one page
+    store.set("k", b"A" * 100)
+    store.set("other", b"B" * 100)
     with open(store.path, "r+b") as f:
         at = f.read().index(b"A" * 100)
         f.seek(at + 50)
         f.write(b"Z")
     assert store.get("k") is None
-    assert any("damaged" in p for p in store.check())
+    assert store.stats()["recovered_pages"] == 1
+    assert store.get("other") == b"B" * 100
+    assert store.check() == []
 
 
 def test_updating_an_expired_key_in_a_full_page(make_store: Make) -> None:
