@@ -9,6 +9,7 @@ from ._errors import (
     SerializationError,
     SessionStoreError,
     StoreClosedError,
+    StorePathError,
     UnsafeFileError,
     ValueTooLargeError,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "SessionRequest",
     "SessionStoreError",
     "StoreClosedError",
+    "StorePathError",
     "UnsafeFileError",
     "ValueTooLargeError",
     "with_session",

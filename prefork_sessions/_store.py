@@ -9,7 +9,6 @@ the spare page, repair after a crashed writer, and fork handling.
 
 from __future__ import annotations
 
-import math
 import mmap
 import os
 import tempfile
@@ -21,7 +20,14 @@ from typing import Any, NamedTuple, Self
 from zlib import crc32
 
 from . import _layout as L
-from ._errors import FileFormatError, LockTimeoutError, StoreClosedError, ValueTooLargeError
+from ._args import key_bytes, lifetime, size, timeout
+from ._errors import (
+    FileFormatError,
+    InvalidArgumentError,
+    LockTimeoutError,
+    StoreClosedError,
+    ValueTooLargeError,
+)
 from ._file import open_or_create
 from ._pager import FastPager, pages_of
 from ._serializers import CallbackThreads, Codec
@@ -65,16 +71,6 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def lifetime(expire: float | None) -> float:
-    """Seconds an entry lives (0.0: never) from an ``expire`` argument; None means never
-    here (callers substitute their default first)."""
-    if expire is None or expire == 0 or expire == math.inf:
-        return 0.0
-    if not expire > 0:
-        raise ValueError(f"expire={expire!r}: use a positive number of seconds, or 0/NEVER for no expiry")
-    return float(expire)
-
-
 def default_path(app_name: str | None) -> str:
     """``<tempdir>/<app_name>_session_data``, as Cache::FastMmap's session store names it."""
     return os.path.join(tempfile.gettempdir(), f"{app_name or 'prefork_sessions'}_session_data")
@@ -101,20 +97,23 @@ class MmapStore:
         serializer: Any = "json",
         lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
     ) -> None:
+        page_size = size(page_size, "page_size")
+        cache_size = size(cache_size, "cache_size")
+        self._lock_timeout = timeout(lock_timeout, "lock_timeout")
         if not (L.MIN_PAGE_SIZE <= page_size <= L.MAX_PAGE_SIZE) or page_size % 1024:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"page_size={page_size}: use a multiple of 1024 between {L.MIN_PAGE_SIZE} and {L.MAX_PAGE_SIZE}"
             )
-        if cache_size < page_size:
-            raise ValueError(f"cache_size={cache_size} is smaller than one page ({page_size} bytes)")
-        if not lock_timeout > 0:
-            raise ValueError("lock_timeout must be a positive number of seconds")
+        if not page_size <= cache_size <= page_size * L.U32_MASK:
+            raise InvalidArgumentError(
+                f"cache_size={cache_size}: use at least one page ({page_size} bytes) and at most "
+                f"{L.U32_MASK} pages; raise page_size for a larger store"
+            )
         self.path = os.fspath(path) if path is not None else default_path(app_name)
         self._want_geometry = (page_size, cache_size // page_size)
         self._codec = Codec(serializer)
         self.serializer, self._dumps, self._loads = self._codec.name, self._codec.dumps, self._codec.loads
         self._expire = lifetime(expire)
-        self._lock_timeout = float(lock_timeout)
         self._busy = CallbackThreads()
         self._hits = self._misses = 0
         self._mm: mmap.mmap | None = None
@@ -221,16 +220,9 @@ class MmapStore:
         life = self._expire if expire is None else lifetime(expire)
         return time.time() + life if life else 0.0
 
-    def _key(self, key: str | bytes) -> tuple[bytes, int]:
-        if type(key) is str:
-            kb, flags = key.encode(), L.FLAG_STR_KEY
-        elif isinstance(key, (bytes, bytearray, memoryview)):
-            kb, flags = bytes(key), 0
-        else:
-            raise TypeError(f"keys are str or bytes, not {type(key).__name__}")
-        if len(kb) > 0xFFFF:
-            raise ValueTooLargeError(f"key of {len(kb)} bytes is longer than the limit of 65535 bytes")
-        return kb, flags
+    def _key(self, key: object) -> tuple[bytes, int]:
+        kb, was_str = key_bytes(key)
+        return kb, L.FLAG_STR_KEY if was_str else 0
 
     def _too_large(self, kb: bytes, vb: bytes) -> ValueTooLargeError:
         return ValueTooLargeError(
@@ -303,7 +295,10 @@ class MmapStore:
         """The value stored under ``key``, or ``default`` when missing or expired."""
         if self._busy:
             self._busy.check()
-        kb = key.encode() if type(key) is str else self._key(key)[0]
+        try:  # the common key: a short str, at most 4 bytes a character, so under the limit
+            kb = key.encode() if type(key) is str and len(key) < 16384 else self._key(key)[0]
+        except UnicodeEncodeError:
+            kb = self._key(key)[0]  # raises InvalidArgumentError
         if self._mm is None:
             self._revive()
         found = self._pager.read(kb)
@@ -323,7 +318,7 @@ class MmapStore:
     def __contains__(self, key: object) -> bool:
         if self._busy:
             self._busy.check()
-        kb = self._key(key)[0]  # type: ignore[arg-type]
+        kb = self._key(key)[0]
         if self._mm is None:
             self._revive()
         found = self._pager.read(kb)
@@ -338,7 +333,10 @@ class MmapStore:
         """
         if self._busy:
             self._busy.check()
-        kb, flags = (key.encode(), L.FLAG_STR_KEY) if type(key) is str and len(key) < 16384 else self._key(key)
+        try:
+            kb, flags = (key.encode(), L.FLAG_STR_KEY) if type(key) is str and len(key) < 16384 else self._key(key)
+        except UnicodeEncodeError:
+            kb, flags = self._key(key)  # raises InvalidArgumentError
         try:
             vb = self._dumps(value)
         except Exception as e:

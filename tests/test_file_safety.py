@@ -431,7 +431,7 @@ def test_a_sparse_file_is_refused_where_holes_cannot_be_allocated(
 # ---------------------------------------------------------------- room to create the file
 
 
-@pytest.mark.parametrize("cache_size", [8 * MIB, 10**15])
+@pytest.mark.parametrize("cache_size", [8 * MIB, 1 << 46])
 def test_creating_a_file_larger_than_the_free_space_is_refused(
     small_fs: Callable[[int], Path], cache_size: int
 ) -> None:

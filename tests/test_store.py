@@ -13,6 +13,7 @@ import pytest
 
 from prefork_sessions import (
     NEVER,
+    InvalidArgumentError,
     MmapStore,
     ReentrantCallError,
     SerializationError,
@@ -276,10 +277,13 @@ def test_existing_file_geometry_is_adopted(make_store: Make) -> None:
 
 
 def test_invalid_arguments(tmp_path: os.PathLike[str]) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidArgumentError):
         MmapStore(os.path.join(tmp_path, "a"), page_size=1000)
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidArgumentError):
         MmapStore(os.path.join(tmp_path, "b"), cache_size=1024, page_size=4096)
+    with pytest.raises(InvalidArgumentError, match="at most 4294967295 pages"):
+        MmapStore(os.path.join(tmp_path, "c"), cache_size=4096 << 32, page_size=4096)
+    assert not os.listdir(tmp_path)
 
 
 def test_default_path_uses_app_name_in_temp_dir(tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch) -> None:
