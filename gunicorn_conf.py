@@ -11,6 +11,8 @@ worker sharing one session file.  Environment variables (defaults in brackets):
     PREFORK_SESSIONS_PATH      session file  [<tempdir>/prefork_sessions_demo_session_data]
     PREFORK_SESSIONS_SIZE      file size in bytes, used when it is created [16777216]
     PREFORK_SESSIONS_REDIS_URL keep sessions in Redis at this URL instead   [unset]
+    PREFORK_SESSIONS_SECRET    secret for the session-id digest, >= 32 bytes, the same
+                               for every worker                              [unset]
 
 Command-line options override these (``gunicorn -c gunicorn_conf.py -w 8 --preload``).
 For your own app, set PREFORK_SESSIONS_APP and open your MmapStore at
@@ -25,12 +27,13 @@ import sys
 
 import gunicorn.util
 
-from prefork_sessions import MmapStore, RedisStore, SessionStoreError
+from prefork_sessions import InvalidArgumentError, MmapStore, RedisStore, SessionOptions, SessionStoreError
 
 PATH_ENV = "PREFORK_SESSIONS_PATH"  # also read by prefork_sessions.demo
 SIZE_ENV = "PREFORK_SESSIONS_SIZE"  # also read by prefork_sessions.demo
 APP_NAME = "prefork_sessions_demo"  # names the default path, as in prefork_sessions.demo
 REDIS_ENV = "PREFORK_SESSIONS_REDIS_URL"  # also read by prefork_sessions.demo
+SECRET_ENV = "PREFORK_SESSIONS_SECRET"  # also read by prefork_sessions.demo
 
 
 def _env_int(name, default):
@@ -63,6 +66,12 @@ def on_starting(server):
     opens the file for the app it loads, and each worker reopens it in
     ``post_fork``, which gunicorn runs before the worker drops its privileges: the
     file is the master's."""
+    if os.environ.get(SECRET_ENV):  # once here, rather than failing every worker's import
+        try:
+            SessionOptions(secret=os.fsencode(os.environ[SECRET_ENV]))
+        except InvalidArgumentError as e:
+            server.log.error("%s: %s", SECRET_ENV, e)
+            sys.exit(1)
     if os.environ.get(REDIS_ENV):
         try:
             with RedisStore(os.environ[REDIS_ENV]) as redis_store:

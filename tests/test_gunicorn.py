@@ -102,6 +102,17 @@ def test_an_unsafe_store_file_stops_gunicorn_in_the_master(tmp_path: Path) -> No
     assert path.read_bytes() == b"not a store"  # left untouched
 
 
+def test_a_short_secret_stops_gunicorn_in_the_master_without_showing_it(tmp_path: Path) -> None:
+    secret = "too-short-to-key-a-digest"
+    server = LiveGunicorn(tmp_path, ready_timeout=30, env={"PREFORK_SESSIONS_SECRET": secret})
+    with pytest.raises(RuntimeError, match="gunicorn exited"):
+        server.start()
+    log = server.log_path.read_text()
+    assert "PREFORK_SESSIONS_SECRET:" in log and "32" in log, log
+    assert secret not in log
+    assert "Booting worker" not in log
+
+
 @pytest.fixture
 def nobodys_dir() -> Iterator[Path]:
     """A directory of user nobody, 0700, that nobody can reach (pytest's tmp_path lies
