@@ -190,6 +190,31 @@ class Pager:
             return value
         return False
 
+    def walk(self, po: int, page: int) -> tuple[list[tuple[int, int, int, bytes, int, int, float, int]], int]:
+        """The whole entries of a locked page in data order, from the start of its data
+        area to the first entry that is not whole (``_layout`` invariant 4): one that
+        runs past the page, fails its checksum, or whose key does not hash to ``page``
+        (the page's count of entries is not trusted).  Returns the entries as (offset
+        in page, span, value length, key, hash, flags, expire_at, dead) and the offset
+        where the walk stopped."""
+        mm = self._mm
+        assert mm is not None
+        ps, out, pos = self._ps, [], self._d0
+        while pos + L.ENTRY_SIZE <= ps:
+            eo = po + pos
+            exp, h, vlen, klen, flags, dead, want = _entry_at(mm, eo)
+            span = L.entry_span(klen, vlen)
+            if pos + span > ps:
+                break
+            kb = mm[eo + L.ENTRY_SIZE:eo + L.ENTRY_SIZE + klen]
+            if crc32(mm[eo + L.ENTRY_SIZE:eo + L.ENTRY_SIZE + klen + vlen], crc32(mm[eo:eo + L.ENTRY_CRC_SPAN])) != want:
+                break
+            if h != crc32(kb, self._seed) or page not in pages_of(h, self._n):
+                break
+            out.append((pos, span, vlen, kb, h, flags, exp, dead))
+            pos += span
+        return out, pos
+
     def _flock(self, page: int, kind: int) -> bool:
         arg = FLOCK.pack(kind, 0, L.page_offset(self._ps, page), 1, 0)
         try:

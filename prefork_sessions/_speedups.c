@@ -71,16 +71,21 @@ static inline void read_entry(const char *p, Entry *e) {
     memcpy(&e->crc, p + 20, 4);
 }
 
-static inline void where(Pager *self, const char *k, Py_ssize_t klen,
-                         uint32_t *h, Py_ssize_t *p1, Py_ssize_t *p2, Py_ssize_t *s0) {
-    uint32_t hh = (uint32_t)crc32(self->seed, (const Bytef *)k, (uInt)klen);
+/* a key's two candidate pages from its hash: _pager.pages_of */
+static inline void pages_of(Pager *self, uint32_t hh, Py_ssize_t *p1, Py_ssize_t *p2) {
     Py_ssize_t n = self->npages;
-    *h = hh;
     *p1 = (Py_ssize_t)(hh % (uint64_t)n);
     *p2 = (Py_ssize_t)(((uint64_t)(uint32_t)(hh * FIB) * (uint64_t)n) >> 32);
     if (*p2 == *p1 && n > 1)
         *p2 = (*p1 + 1) % n;
-    *s0 = (Py_ssize_t)((hh / (uint64_t)n) % (uint64_t)self->nslots);
+}
+
+static inline void where(Pager *self, const char *k, Py_ssize_t klen,
+                         uint32_t *h, Py_ssize_t *p1, Py_ssize_t *p2, Py_ssize_t *s0) {
+    uint32_t hh = (uint32_t)crc32(self->seed, (const Bytef *)k, (uInt)klen);
+    *h = hh;
+    pages_of(self, hh, p1, p2);
+    *s0 = (Py_ssize_t)((hh / (uint64_t)self->npages) % (uint64_t)self->nslots);
 }
 
 static inline Py_ssize_t page_off(Pager *self, Py_ssize_t page) {
@@ -467,6 +472,48 @@ static PyObject *Pager_append(Pager *self, PyObject *const *args, Py_ssize_t nar
     Py_RETURN_TRUE;
 }
 
+/* walk(po, page) -> (entries, end): see _pager.Pager.walk */
+static PyObject *Pager_walk(Pager *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "walk(page_offset, page)");
+        return NULL;
+    }
+    if (check_open(self) < 0) return NULL;
+    Py_ssize_t po = PyLong_AsSsize_t(args[0]), page = PyLong_AsSsize_t(args[1]);
+    if (PyErr_Occurred()) return NULL;
+    Py_ssize_t ps = self->page_size;
+    if (po < HEADER_SIZE || po + ps > self->view.len || page < 0 || page >= self->npages) {
+        PyErr_SetString(PyExc_ValueError, "walk: page out of range");
+        return NULL;
+    }
+    const char *base = (const char *)self->view.buf + po;
+    PyObject *out = PyList_New(0);
+    if (!out) return NULL;
+    Py_ssize_t pos = self->d0, p1, p2;
+    while (pos + ENTRY_SIZE <= ps) {
+        Entry e;
+        read_entry(base + pos, &e);
+        Py_ssize_t span = (ENTRY_SIZE + (Py_ssize_t)e.klen + (Py_ssize_t)e.vlen + 7) & ~(Py_ssize_t)7;
+        if (pos + span > ps) break;
+        const char *key = base + pos + ENTRY_SIZE;
+        uLong crc = crc32(crc32(0L, (const Bytef *)(base + pos), ENTRY_CRC_SPAN),
+                          (const Bytef *)key, (uInt)(e.klen + e.vlen));
+        if ((uint32_t)crc != e.crc || (uint32_t)crc32(self->seed, (const Bytef *)key, e.klen) != e.hash) break;
+        pages_of(self, e.hash, &p1, &p2);
+        if (page != p1 && page != p2) break;
+        PyObject *t = Py_BuildValue("(nnIy#IBdB)", pos, span, e.vlen, key, (Py_ssize_t)e.klen, e.hash,
+                                    e.flags, e.expire_at, e.dead);
+        if (!t || PyList_Append(out, t) < 0) {
+            Py_XDECREF(t);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(t);
+        pos += span;
+    }
+    return Py_BuildValue("(Nn)", out, pos);
+}
+
 static PyObject *Pager_close(Pager *self, PyObject *unused) {
     if (self->have_view) {
         PyBuffer_Release(&self->view);
@@ -543,6 +590,8 @@ static PyMethodDef Pager_methods[] = {
     {"bump", (PyCFunction)Pager_bump, METH_O, "bump(page_offset): seq += 1 (odd: begin, even: end)"},
     {"append", (PyCFunction)(void (*)(void))Pager_append, METH_FASTCALL,
      "append(po, so, old_eo, key, flags, hash, value, expire_at, bracket) -> bool"},
+    {"walk", (PyCFunction)(void (*)(void))Pager_walk, METH_FASTCALL,
+     "walk(po, page) -> (list of (off, span, vlen, key, hash, flags, expire_at, dead), end)"},
     {"close", (PyCFunction)Pager_close, METH_NOARGS, "release the mapping"},
     {NULL}
 };

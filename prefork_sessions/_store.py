@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 import weakref
+from array import array
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, Self
 from zlib import crc32
@@ -43,11 +44,18 @@ DEFAULT_LOCK_TIMEOUT = 10.0
 
 _seq_at = L.SEQ.unpack_from
 _u32_at = L.U32.unpack_from
-_slot_at = L.SLOT.unpack_from
 _entry_at = L.ENTRY.unpack_from
 _counts_at = L.COUNTS.unpack_from
 
 _live_stores: weakref.WeakSet[MmapStore] = weakref.WeakSet()
+
+
+def _utf8(kb: bytes) -> bool:
+    try:
+        kb.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 class _Entry(NamedTuple):
@@ -505,14 +513,19 @@ class MmapStore:
         mm = self._mm
         assert mm is not None
         if update is not None:
-            old = None
-            if eo:
+            # The key's page is locked, so the checked lock-free read settles at once
+            # (None: expired), unless the entry fails its checksum or the key's other
+            # page stays busy (False): then check the entry here; a damaged value is
+            # never handed to the callback.
+            old = self._pager.read(kb) if eo else None
+            if old is False:
                 e = self._parse(page, po, eo - po, self.page_size, True)
-                if e is None:  # a damaged value is never handed to the callback
+                if e is None:
                     self._repair(page, po)
                     so, eo, free = self._find(page, po, kb, h, s0)
                     so = so if eo else free
                     e = self._parse(page, po, eo - po, self.page_size, True) if eo else None
+                old = None
                 if e is not None and not (e.exp and e.exp <= time.time()):
                     start = eo + L.ENTRY_SIZE + len(kb)
                     old = mm[start:start + e.vlen]
@@ -560,11 +573,8 @@ class MmapStore:
             return None
         if h != crc32(kb, self._seed) or page not in pages_of(h, self.num_pages):
             return None
-        if flags & L.FLAG_STR_KEY:
-            try:
-                kb.decode()
-            except UnicodeDecodeError:
-                return None
+        if flags & L.FLAG_STR_KEY and not _utf8(kb):
+            return None
         return _Entry(off, span, vlen, kb, h, flags, exp, dead)
 
     def _survey(self, page: int, po: int) -> tuple[list[_Entry], dict[int, int], list[str]]:
@@ -575,32 +585,31 @@ class MmapStore:
         mm = self._mm
         assert mm is not None
         ps, base = self.page_size, po + L.PAGE_HDR_SIZE
-        atimes: dict[int, int] = {}
-        tombs = 0
         problems: list[str] = []
-        for i in range(self._nslots):
-            off, atime = _slot_at(mm, base + (i << 3))
-            if off == L.SLOT_TOMB:
-                tombs += 1
-            elif off:
-                if off in atimes:
-                    problems.append(f"two slots point at offset {off}")
-                atimes[off] = atime
+        table = array("I", mm[base:base + (self._nslots << 3)])  # (offset, tick) pairs; little-endian host (L.Words)
+        offs = table[0::2]
+        tombs = offs.count(L.SLOT_TOMB)
+        atimes = {off: atime for off, atime in zip(offs, table[1::2]) if off > L.SLOT_TOMB}
+        if len(atimes) != len(offs) - tombs - offs.count(L.SLOT_EMPTY):
+            problems.append("two slots point at one entry")
         latest: dict[bytes, _Entry] = {}
-        pos = self._d0
-        while (e := self._parse(page, po, pos, ps, True)) is not None:
+        walked, pos = self._pager.walk(po, page)
+        for fields in walked:
+            e = _Entry._make(fields)
+            if e.flags & L.FLAG_STR_KEY and not _utf8(e.key):  # whole, yet not ours: stop here
+                pos = e.off
+                break
             latest[e.key] = e  # write order: a later entry of a key replaces an earlier one
-            pos += e.span
         ne, used, bump, dead = _counts_at(mm, po + L.OFF_COUNTS)
         if pos != bump:
             problems.append(f"its entries end at offset {pos}, its header says {bump}")
         for off in sorted(atimes):  # past where the walk stopped: only after damage
             if off >= pos:
-                e = self._parse(page, po, off, ps, True)
-                if e is None or e.dead:
+                found = self._parse(page, po, off, ps, True)
+                if found is None or found.dead:
                     problems.append(f"a slot points at offset {off}, where no whole live entry is")
                 else:
-                    latest[e.key] = e
+                    latest[found.key] = found
         live = sorted((e for e in latest.values() if not e.dead), key=lambda e: e.off)
         if set(atimes) != {e.off for e in live}:
             problems.append("its slot table disagrees with its entries")
@@ -692,8 +701,9 @@ class MmapStore:
         changes: a kill or a LockTimeoutError leaves the page as it was."""
         live, atimes, problems = self._survey(page, po)
         now = time.time()
-        keep = [e for e in live if e.key != kb and not (e.exp and e.exp <= now)]
-        expired = len(live) - len(keep) - sum(e.key == kb and not (e.exp and e.exp <= now) for e in live)
+        others = [e for e in live if e.key != kb]
+        keep = [e for e in others if not (e.exp and e.exp <= now)]
+        expired = len(others) - len(keep)
         room = self.page_size - self._d0 - len(raw)
         used = sum(e.span for e in keep)
         evicted = 0
