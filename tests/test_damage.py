@@ -190,6 +190,12 @@ def test_damage_to_one_slot_or_entry_raises_nothing_and_is_repaired(make_store: 
             assert store.get(k) == v, k  # other pages never lose anything
 
 
+RANDOM_OPS: list[Callable[[MmapStore, str], object]] = [
+    lambda s, k: s.get(k), lambda s, k: s.set(k, b"n"), lambda s, k: s.delete(k), lambda s, k: s.keys(),
+    lambda s, k: s.purge(), lambda s, k: s.get_and_set(k, lambda v: b"u"),
+]
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_random_byte_damage_stays_in_its_page(make_store: Make, seed: int) -> None:
     """Random bytes of one page overwritten, many times over: every call either works or
@@ -209,9 +215,7 @@ def test_random_byte_damage_stays_in_its_page(make_store: Make, seed: int) -> No
             _patch(store.path, po + at, rnd.randbytes(rnd.choice((1, 2, 4))))
         for k in rnd.sample(list(values), 10):
             try:
-                rnd.choice((lambda: store.get(k), lambda: store.set(k, b"n"), lambda: store.delete(k),
-                            lambda: store.keys(), lambda: store.purge(),
-                            lambda: store.get_and_set(k, lambda v: b"u")))()
+                rnd.choice(RANDOM_OPS)(store, k)
             except SessionStoreError:
                 pass
             values.pop(k)
@@ -221,3 +225,44 @@ def test_random_byte_damage_stays_in_its_page(make_store: Make, seed: int) -> No
             if page not in store._pager.where(k.encode())[1:3]:
                 assert store.get(k) == v, (case, k)
         store.close()
+
+
+def test_both_pagers_read_damaged_pages_alike(tmp_path: Path) -> None:
+    """The C pager and the reference agree on every damaged page: the same whole
+    entries from walk(), the same probe results from find() (DAMAGED included)."""
+    import mmap as mmap_mod
+
+    from prefork_sessions import _pager, _speedups
+
+    assert _speedups.LAYOUT == {name: getattr(L, name) for name in _speedups.LAYOUT}  # one definition
+    rnd = random.Random(5)
+    path = tmp_path / "s"
+    store = MmapStore(path, page_size=PAGE, cache_size=PAGE * 4, serializer="raw")
+    keys = [f"k{i}".encode() for i in range(30)]
+    for k in keys:
+        store.set(k, rnd.randbytes(rnd.randrange(200)))
+    snapshot = path.read_bytes()
+    geo = (store._seed, store.num_pages, PAGE, store._nslots, store._max_used)
+    for case in range(300):
+        data = bytearray(snapshot)
+        for _ in range(rnd.choice((1, 2, 6))):
+            at = L.page_offset(PAGE, rnd.randrange(4)) + rnd.randrange(PAGE)
+            data[at:at + 4] = rnd.randbytes(4)
+        path.write_bytes(bytes(data))
+        with open(path, "r+b") as f:
+            mm = mmap_mod.mmap(f.fileno(), 0)
+            c, py = _speedups.Pager(mm, f.fileno(), *geo), _pager.Pager(mm, f.fileno(), *geo)
+            try:
+                for page in range(4):
+                    po = L.page_offset(PAGE, page)
+                    assert c.walk(po, page) == py.walk(po, page), (case, page)
+                    for k in keys:
+                        h, p1, p2, s0 = py.where(k)
+                        for p in (p1, p2):
+                            q = L.page_offset(PAGE, p)
+                            assert c.find(q, k, h, s0) == py.find(q, k, h, s0), (case, k)
+            finally:
+                c.close()
+                py.close()
+                mm.close()
+    store.close()
