@@ -81,7 +81,23 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 def default_path(app_name: str | None) -> str:
     """``<tempdir>/<app_name>_session_data``, as Cache::FastMmap's session store names it."""
+    if app_name is not None and (type(app_name) is not str or not app_name.isprintable() or "/" in app_name):
+        raise InvalidArgumentError(
+            f"app_name={app_name!r}: use a plain name (printable, no '/'), or pass path= for another directory"
+        )
     return os.path.join(tempfile.gettempdir(), f"{app_name or 'prefork_sessions'}_session_data")
+
+
+def store_path(path: object) -> str:
+    """A ``path`` argument as a str path, or InvalidArgumentError."""
+    try:
+        raw = os.fspath(path)  # type: ignore[call-overload]
+    except TypeError:
+        raise InvalidArgumentError(f"path={path!r}: use a str, bytes or os.PathLike file path") from None
+    text = os.fsdecode(raw)
+    if not text or "\0" in text:
+        raise InvalidArgumentError(f"path={path!r}: use a non-empty file path without NUL characters")
+    return text
 
 
 class MmapStore:
@@ -96,7 +112,7 @@ class MmapStore:
 
     def __init__(
         self,
-        path: str | os.PathLike[str] | None = None,
+        path: str | bytes | os.PathLike[str] | None = None,
         *,
         app_name: str | None = None,
         cache_size: int = DEFAULT_CACHE_SIZE,
@@ -117,7 +133,7 @@ class MmapStore:
                 f"cache_size={cache_size}: use at least one page ({page_size} bytes) and at most "
                 f"{L.U32_MASK} pages; raise page_size for a larger store"
             )
-        self.path = os.fspath(path) if path is not None else default_path(app_name)
+        self.path = store_path(path) if path is not None else default_path(app_name)
         self._want_geometry = (page_size, cache_size // page_size)
         self._codec = Codec(serializer)
         self.serializer, self._dumps, self._loads = self._codec.name, self._codec.dumps, self._codec.loads

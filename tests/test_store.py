@@ -286,6 +286,20 @@ def test_invalid_arguments(tmp_path: os.PathLike[str]) -> None:
     assert not os.listdir(tmp_path)
 
 
+@pytest.mark.parametrize("kw", [{"path": 42}, {"path": ""}, {"path": "a\0b"}, {"app_name": "../etc"},
+                                {"app_name": 7}, {"app_name": "a\nb"}])
+def test_a_bad_path_or_app_name_is_refused_with_our_error(kw: dict[str, object]) -> None:
+    with pytest.raises(InvalidArgumentError):
+        MmapStore(**kw)  # type: ignore[arg-type]
+
+
+def test_a_bytes_path_works(tmp_path: os.PathLike[str]) -> None:
+    store = MmapStore(os.fsencode(os.path.join(tmp_path, "b")), cache_size=1 << 20, page_size=16 << 10)
+    store.set("k", 1)
+    assert store.path == os.path.join(tmp_path, "b") and store.get("k") == 1
+    store.close()
+
+
 def test_default_path_uses_app_name_in_temp_dir(tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     import tempfile
