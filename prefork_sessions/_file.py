@@ -44,6 +44,7 @@ import stat
 import time
 from dataclasses import dataclass
 from typing import Any
+from zlib import crc32
 
 from . import _layout as L
 from ._errors import FileFormatError, NoSpaceError, StorePathError, UnsafeFileError
@@ -348,10 +349,7 @@ def _build(fd: int, path: str, directory: str, page_size: int, num_pages: int, s
         for at in range(0, size, len(zeros)):
             os.pwrite(fd, zeros[:size - at], at)
         slots = L.slots_for(page_size)
-        header = L.HEADER.pack(
-            L.MAGIC, L.VERSION, L.HEADER_SIZE, page_size, num_pages, slots,
-            secrets.randbits(32), secrets.randbits(64), time.time(),
-        )
+        header = L.pack_header(page_size, num_pages, slots, secrets.randbits(32), secrets.randbits(64), time.time())
         os.pwrite(fd, header, 0)
         page_header = L.empty_page_header(slots)
         for page in range(num_pages):
@@ -431,17 +429,23 @@ def _validate(fd: int, path: str) -> Geometry:
             f"{path} has {st.st_nlink} hard links; through another name it could be read, changed or "
             "kept after deletion. Remove the other links (`find / -samefile` lists them) or delete it."
         )
-    raw = os.pread(fd, L.HEADER.size, 0)
-    if len(raw) < L.HEADER.size or raw[:8] != L.MAGIC:
+    raw = os.pread(fd, L.OFF_HEADER_CRC + L.U32.size, 0)
+    if len(raw) < L.OFF_HEADER_CRC + L.U32.size or raw[:8] != L.MAGIC:
         raise FileFormatError(
             f"{path} is not a prefork_sessions store file (bad magic); it was left untouched. "
             "Delete it or choose another path."
         )
-    _, version, header_size, page_size, num_pages, slots, seed, _, _ = L.HEADER.unpack(raw)
+    _, version, header_size, page_size, num_pages, slots, seed, _, _ = L.HEADER.unpack_from(raw)
     if version != L.VERSION or header_size != L.HEADER_SIZE:
         raise FileFormatError(
             f"{path} has store format version {version}; this prefork_sessions reads version "
             f"{L.VERSION}. Delete the file (sessions will be lost) or use a matching version."
+        )
+    if crc32(raw[:L.OFF_HEADER_CRC]) != L.U32.unpack_from(raw, L.OFF_HEADER_CRC)[0]:
+        raise FileFormatError(
+            f"{path}: its header (geometry and hash seed) fails its checksum, so the file was "
+            "damaged from outside; it was left untouched. Restore it from a backup, or delete it "
+            "(sessions will be lost)."
         )
     sane = (
         L.MIN_PAGE_SIZE <= page_size <= L.MAX_PAGE_SIZE and num_pages >= 1

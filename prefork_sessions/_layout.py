@@ -79,6 +79,10 @@ HEADER_SIZE = 4096
 # magic, version, header size, page size, num pages, slots per page, hash seed,
 # file id, creation time
 HEADER = struct.Struct("<8sIIIIIIQd")
+# crc32 of those fields, right after them: they are written once, when the file is
+# created, so a damaged header (a changed seed would make every key hash elsewhere
+# and every page repair to empty) is refused on open instead of spreading.
+OFF_HEADER_CRC = HEADER.size
 
 # Spare-page state (in the file header) and the byte locked to own the spare.
 SPARE_STATE_OFF = 2048
@@ -141,6 +145,12 @@ def data_start(slots: int) -> int:
 def entry_span(klen: int, vlen: int) -> int:
     """Bytes an entry occupies in the data area (8-byte aligned)."""
     return (ENTRY_SIZE + klen + vlen + 7) & ~7
+
+
+def pack_header(page_size: int, num_pages: int, slots: int, seed: int, file_id: int, created: float) -> bytes:
+    """A new file's header fields and their checksum."""
+    raw = HEADER.pack(MAGIC, VERSION, HEADER_SIZE, page_size, num_pages, slots, seed, file_id, created)
+    return raw + U32.pack(crc32(raw))
 
 
 def pack_entry(exp_at: float, h: int, flags: int, kb: bytes, vb: bytes) -> bytes:

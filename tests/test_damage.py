@@ -266,3 +266,21 @@ def test_both_pagers_read_damaged_pages_alike(tmp_path: Path) -> None:
                 py.close()
                 mm.close()
     store.close()
+
+
+@pytest.mark.parametrize("field_at", [28, 32, 40], ids=["hash seed", "file id", "creation time"])
+def test_a_damaged_file_header_is_refused_and_left_untouched(tmp_path: Path, field_at: int) -> None:
+    """The header is written once; a changed byte in it (a new hash seed would send
+    every key to other pages, and every repair would then empty its page) makes
+    opening fail with FileFormatError, and no byte of the file changes."""
+    from prefork_sessions import FileFormatError
+
+    path = tmp_path / "s"
+    with MmapStore(path, page_size=PAGE, cache_size=PAGE * 4) as store:
+        store.set("k", "v")
+    data = bytearray(path.read_bytes())
+    data[field_at] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(FileFormatError, match="fails its checksum"):
+        MmapStore(path, page_size=PAGE, cache_size=PAGE * 4)
+    assert path.read_bytes() == bytes(data)
