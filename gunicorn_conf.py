@@ -27,7 +27,13 @@ import sys
 
 import gunicorn.util
 
-from prefork_sessions import InvalidArgumentError, MmapStore, RedisStore, SessionOptions, SessionStoreError
+from prefork_sessions import (
+    InvalidArgumentError,
+    MmapStore,
+    RedisStore,
+    SessionOptions,
+    SessionStoreError,
+)
 
 PATH_ENV = "PREFORK_SESSIONS_PATH"  # also read by prefork_sessions.demo
 SIZE_ENV = "PREFORK_SESSIONS_SIZE"  # also read by prefork_sessions.demo

@@ -10,7 +10,6 @@ import pytest
 
 from prefork_sessions import MmapStore, _pager, _store
 
-
 # PREFORK_SESSIONS_PURE=1 chose the reference for the whole run: there is no C variant to test.
 PAGERS = ["c", "python"] if _pager.ACCELERATED or _pager.PURE_ENV not in os.environ else ["python"]
 
