@@ -26,6 +26,8 @@ READ_TRIES = 4
 _u32_at = L.U32.unpack_from
 _entry_at = L.ENTRY.unpack_from
 TORN = (struct.error, IndexError, ValueError, OverflowError)  # what a torn read can raise
+F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+FLOCK = struct.Struct("hhqqi")  # struct flock: type, whence, start, len, pid (0 for OFD locks)
 
 
 def pages_of(h: int, n: int) -> tuple[int, int]:
@@ -35,8 +37,6 @@ def pages_of(h: int, n: int) -> tuple[int, int]:
     if p2 == p1 and n > 1:
         p2 = (p1 + 1) % n
     return p1, p2
-F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
-FLOCK = struct.Struct("hhqqi")  # struct flock: type, whence, start, len, pid (0 for OFD locks)
 
 
 class Pager:
