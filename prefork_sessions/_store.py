@@ -3,8 +3,9 @@
 The file format and its invariants are described in ``_layout``.  This module
 holds the mechanisms: placement (two candidate pages per key), locking (a
 per-page ``threading.Lock`` plus an open-file-description lock on one byte of
-the page), lock-free reads (seqlock validation), eviction, compaction through
-the spare page, repair after a crashed writer, and fork handling.
+the page), lock-free reads (seqlock validation), fork handling, and one page
+rewrite through the spare (``_rebuild``) that serves eviction, compaction and
+repair after a crashed writer or damage.
 """
 
 from __future__ import annotations
@@ -271,7 +272,7 @@ class MmapStore:
             if state < 0:
                 raise self._timeout(page)
             try:
-                self._repair(page, L.page_offset(self.page_size, page))
+                self._rebuild(page, L.page_offset(self.page_size, page))
             except BaseException:
                 self._pager.unlock(page)
                 raise
@@ -307,7 +308,7 @@ class MmapStore:
                 for p in pages:
                     po = L.page_offset(self.page_size, p)
                     if self._survey(p, po)[2]:
-                        self._repair(p, po)
+                        self._rebuild(p, po)
                 found = self._pager.read(kb)
         finally:
             self._unlock_pages(pages)
@@ -497,7 +498,7 @@ class MmapStore:
             return False
         if state:
             try:
-                self._repair(p2, L.page_offset(self.page_size, p2))
+                self._rebuild(p2, L.page_offset(self.page_size, p2))
             except BaseException:
                 self._pager.unlock(p2)
                 raise
@@ -507,7 +508,7 @@ class MmapStore:
         """The pager's ``find`` on a locked page, repairing the page first if it fails a check."""
         found = self._pager.find(po, kb, h, s0)
         if found[1] == L.DAMAGED:
-            self._repair(page, po)
+            self._rebuild(page, po)
             found = self._pager.find(po, kb, h, s0)
             if found[1] == L.DAMAGED:
                 raise self._meddled(page)
@@ -537,7 +538,7 @@ class MmapStore:
             if old is False:
                 e = self._parse(page, po, eo - po, self.page_size, True)
                 if e is None:
-                    self._repair(page, po)
+                    self._rebuild(page, po)
                     so, eo, free = self._find(page, po, kb, h, s0)
                     so = so if eo else free
                     e = self._parse(page, po, eo - po, self.page_size, True) if eo else None
@@ -547,7 +548,7 @@ class MmapStore:
                     old = mm[start:start + e.vlen]
             vb = update(old)  # user code (get_and_set): the page is locked but unchanged
         if not self._pager.append(po, so, eo, kb, flags, h, vb, exp_at, True):
-            self._replace(page, po, kb, L.pack_entry(exp_at, h, flags, kb, vb), h)
+            self._rebuild(page, po, (kb, L.pack_entry(exp_at, h, flags, kb, vb), h))
 
     def _span_at(self, eo: int) -> int:
         _, _, vlen, klen, _, _, _ = _entry_at(self._mm, eo)  # type: ignore[arg-type]
@@ -709,54 +710,41 @@ class MmapStore:
                 mm[po + end:po + ps] = bytes(ps - end)
         u32[L.SPARE_STATE_OFF >> 2] = L.SPARE_EMPTY
 
-    def _replace(self, page: int, po: int, kb: bytes, raw: bytes, h: int) -> None:
-        """With the page locked and sound, put the packed entry ``raw`` of key ``kb``
-        there in place of its old one, making room: without dead entries, then
-        without expired ones, then without the least recently used.  One atomic
-        page replacement through the spare, which is locked before anything
-        changes: a kill or a LockTimeoutError leaves the page as it was."""
-        live, atimes, problems = self._survey(page, po)
-        now = time.time()
-        others = [e for e in live if e.key != kb]
-        keep = [e for e in others if not (e.exp and e.exp <= now)]
-        expired = len(others) - len(keep)
-        room = self.page_size - self._d0 - len(raw)
-        used = sum(e.span for e in keep)
-        evicted = 0
-        if used > room or len(keep) >= self._max_used:
-            t = L.tick(now)
-            gone: set[int] = set()
-            for e in sorted(keep, key=lambda e: (t - atimes.get(e.off, t)) & L.TICK_MASK, reverse=True):
-                if used <= room and len(keep) - len(gone) < self._max_used:
-                    break
-                gone.add(e.off)
-                used -= e.span
-            keep = [e for e in keep if e.off not in gone]
-            evicted = len(gone)
-        img, end = self._image(po, keep, atimes, (raw, h), evicted, expired, 1 if problems else 0)
-        self._lock(L.SPARE_LOCK)
-        try:
-            self._settle_spare()
-            self._pager.bump(po)
-            self._install(page, po, img, end)
-            self._pager.bump(po)
-        finally:
-            self._pager.unlock(L.SPARE_LOCK)
+    def _rebuild(self, page: int, po: int, new: tuple[bytes, bytes, int] | None = None) -> list[str]:
+        """Rewrite a locked page through the spare (invariant 5) from its entries that
+        pass their checks (invariant 4), without dead and expired ones: compaction,
+        and repair after a writer died mid-change (seq odd) or a check failed.  With
+        ``new`` (key, packed entry, hash) the key's entry is replaced by that one,
+        and the least recently used entries go as far as it needs the room.
 
-    def _repair(self, page: int, po: int) -> list[str]:
-        """Rebuild a locked page from the entries that pass their checks (invariant 4):
-        after a writer died mid-change (seq odd) or when a check failed.  Loses at
-        most the write that was in flight, or the damaged entries.  Returns the
-        problems the page had."""
+        The spare is locked before anything changes, so a kill or a LockTimeoutError
+        leaves the page as it was; once the image is in the spare, the next locker
+        finishes the copy.  Loses at most the write in flight, or damaged entries.
+        Returns the problems the page had."""
         self._lock(L.SPARE_LOCK)
         try:
-            self._settle_spare()  # first: the dead writer may have been replacing this page
+            self._settle_spare()  # first: a dead writer may have been replacing this page
             live, atimes, problems = self._survey(page, po)
             now = time.time()
-            keep = [e for e in live if not (e.exp and e.exp <= now)]
-            keep = keep[-self._max_used:]  # more than the slots allow: only after damage
-            img, end = self._image(po, keep, atimes, None, 0, len(live) - len(keep), 1)
-            if not self._w.u64[po >> 3] & 1:
+            others = [e for e in live if new is None or e.key != new[0]]
+            keep = [e for e in others if not (e.exp and e.exp <= now)]
+            expired = len(others) - len(keep)
+            room = self.page_size - self._d0 - (len(new[1]) if new else 0)
+            slots = self._max_used - (new is not None)  # a repair keeps more only after damage
+            used = sum(e.span for e in keep)
+            gone: set[int] = set()
+            if used > room or len(keep) > slots:
+                t = L.tick(now)
+                for e in sorted(keep, key=lambda e: (t - atimes.get(e.off, t)) & L.TICK_MASK, reverse=True):
+                    if used <= room and len(keep) - len(gone) <= slots:
+                        break
+                    gone.add(e.off)
+                    used -= e.span
+                keep = [e for e in keep if e.off not in gone]
+            odd = self._w.u64[po >> 3] & 1
+            recovered = int(new is None or bool(problems))
+            img, end = self._image(po, keep, atimes, new[1:] if new else None, len(gone), expired, recovered)
+            if not odd:
                 self._pager.bump(po)
             self._install(page, po, img, end)
             self._pager.bump(po)
@@ -786,7 +774,7 @@ class MmapStore:
                     out.append((so, e))
             else:
                 return out
-            self._repair(page, po)
+            self._rebuild(page, po)
         raise self._meddled(page)
 
     # ------------------------------------------------------------------ whole-store operations
@@ -891,7 +879,7 @@ class MmapStore:
         for page, po in self._each_page():
             _, atimes, found = self._survey(page, po)
             if found:
-                self._repair(page, po)
+                self._rebuild(page, po)
             entries = self._entries(page, po)
             if found:
                 lost = max(0, len(atimes) - len(entries))

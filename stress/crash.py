@@ -106,10 +106,14 @@ OPS = [SET_INSERT, SET_OVERWRITE, GAS, DELETE, PURGE, CHECK, CLEAR, B_SET, FILLE
 PHASES = [MAKE_ROOM, EVICT, COMPACT, REPAIR]
 # The store's internal steps a writer marks in its status byte (private methods of
 # MmapStore, wrapped in the writer process only; one that is missing is reported).
-# _replace makes room in a page (dropping dead, expired and, if it must, live entries)
-# and _install writes the new page image through the spare; _image says how many
-# live entries the image leaves out (evictions).
-HOOKS = {"_replace": MAKE_ROOM, "_install": COMPACT, "_repair": REPAIR}
+# _rebuild rewrites a page through the spare: making room for a new entry (dropping
+# dead, expired and, if it must, live entries) when given one, else repairing it;
+# _install is the copy through the spare; _image says how many live entries the new
+# page leaves out (evictions).
+HOOKS: dict[str, Any] = {
+    "_rebuild": lambda a, kw: MAKE_ROOM if (a[2] if len(a) > 2 else kw.get("new")) else REPAIR,
+    "_install": COMPACT,
+}
 # Writer op mix (relative weights).  Long operations (purge, check, clear) are rare:
 # the supervisor hunts for them, so they still get their share of kills.
 MIX = {SET_INSERT: 30, GAS: 18, DELETE: 10, FILLER: 16, JUNK: 10, B_SET: 5,
@@ -193,7 +197,8 @@ class Probe:
                 missing.append(name)
                 continue
 
-            def hooked(*a: Any, _real: Any = real, _bit: int = bit, **kw: Any) -> Any:
+            def hooked(*a: Any, _real: Any = real, _which: Any = bit, **kw: Any) -> Any:
+                _bit = _which(a, kw) if callable(_which) else _which
                 before = status[idx]
                 status[idx] = before | _bit
                 if orders[idx] == _bit or (_bit == REPAIR and rnd.random() < self.repair_kills):
