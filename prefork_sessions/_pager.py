@@ -39,6 +39,31 @@ def pages_of(h: int, n: int) -> tuple[int, int]:
     return p1, p2
 
 
+EntryFields = tuple[int, int, int, bytes, int, int, float, int]
+"""(offset in page, span, value length, key, hash, flags, expire_at, dead)"""
+
+
+def whole_entry(
+    mm: mmap.mmap, po: int, off: int, d0: int, limit: int, seed: int, npages: int, page: int, crc: bool
+) -> EntryFields | None:
+    """The fields of the entry at ``off`` in the page at ``po`` if it is whole: aligned,
+    inside ``[d0, limit)``, its checksum valid (when ``crc``), its key hashing to
+    ``page``.  None otherwise."""
+    if off < d0 or off & 7 or off + L.ENTRY_SIZE > limit:
+        return None
+    eo = po + off
+    exp, h, vlen, klen, flags, dead, want = _entry_at(mm, eo)
+    span = L.entry_span(klen, vlen)
+    if off + span > limit:
+        return None
+    kb = mm[eo + L.ENTRY_SIZE:eo + L.ENTRY_SIZE + klen]
+    if crc and crc32(mm[eo + L.ENTRY_SIZE:eo + L.ENTRY_SIZE + klen + vlen], crc32(mm[eo:eo + L.ENTRY_CRC_SPAN])) != want:
+        return None
+    if h != crc32(kb, seed) or page not in pages_of(h, npages):
+        return None
+    return off, span, vlen, kb, h, flags, exp, dead
+
+
 class Pager:
     """Hot-path access to a mapped store file of a given geometry."""
 
@@ -190,29 +215,17 @@ class Pager:
             return value
         return False
 
-    def walk(self, po: int, page: int) -> tuple[list[tuple[int, int, int, bytes, int, int, float, int]], int]:
+    def walk(self, po: int, page: int) -> tuple[list[EntryFields], int]:
         """The whole entries of a locked page in data order, from the start of its data
-        area to the first entry that is not whole (``_layout`` invariant 4): one that
-        runs past the page, fails its checksum, or whose key does not hash to ``page``
-        (the page's count of entries is not trusted).  Returns the entries as (offset
-        in page, span, value length, key, hash, flags, expire_at, dead) and the offset
-        where the walk stopped."""
+        area to the first entry that is not (``whole_entry``; ``_layout`` invariant 4:
+        the page's count of entries is not trusted).  Returns their fields and the
+        offset where the walk stopped."""
         mm = self._mm
         assert mm is not None
-        ps, out, pos = self._ps, [], self._d0
-        while pos + L.ENTRY_SIZE <= ps:
-            eo = po + pos
-            exp, h, vlen, klen, flags, dead, want = _entry_at(mm, eo)
-            span = L.entry_span(klen, vlen)
-            if pos + span > ps:
-                break
-            kb = mm[eo + L.ENTRY_SIZE:eo + L.ENTRY_SIZE + klen]
-            if crc32(mm[eo + L.ENTRY_SIZE:eo + L.ENTRY_SIZE + klen + vlen], crc32(mm[eo:eo + L.ENTRY_CRC_SPAN])) != want:
-                break
-            if h != crc32(kb, self._seed) or page not in pages_of(h, self._n):
-                break
-            out.append((pos, span, vlen, kb, h, flags, exp, dead))
-            pos += span
+        out, pos = [], self._d0
+        while (e := whole_entry(mm, po, pos, self._d0, self._ps, self._seed, self._n, page, True)) is not None:
+            out.append(e)
+            pos += e[1]
         return out, pos
 
     def _flock(self, page: int, kind: int) -> bool:
@@ -328,4 +341,4 @@ else:
             RuntimeWarning, stacklevel=2,
         )
 
-__all__ = ["ACCELERATED", "PURE_ENV", "FastPager", "Pager"]
+__all__ = ["ACCELERATED", "PURE_ENV", "EntryFields", "FastPager", "Pager", "pages_of", "whole_entry"]

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple, Self
 from zlib import crc32
 
 from . import _layout as L
-from ._args import key_bytes, lifetime, size, timeout
+from ._args import MAX_KEY_SIZE, key_bytes, lifetime, size, timeout
 from ._errors import (
     FileFormatError,
     InvalidArgumentError,
@@ -31,7 +31,7 @@ from ._errors import (
     ValueTooLargeError,
 )
 from ._file import open_or_create
-from ._pager import FastPager, pages_of
+from ._pager import FastPager, pages_of, whole_entry
 from ._serializers import CallbackThreads, Codec
 
 __all__ = ["DEFAULT_CACHE_SIZE", "DEFAULT_LOCK_TIMEOUT", "DEFAULT_PAGE_SIZE", "NEVER", "MmapStore"]
@@ -49,6 +49,9 @@ _entry_at = L.ENTRY.unpack_from
 _counts_at = L.COUNTS.unpack_from
 
 _live_stores: weakref.WeakSet[MmapStore] = weakref.WeakSet()
+# A str key shorter than this is under MAX_KEY_SIZE in UTF-8 (at most 4 bytes a
+# character), so get() and set() encode it inline instead of calling key_bytes().
+_SHORT_KEY = (MAX_KEY_SIZE + 1) // 4
 
 
 def _utf8(kb: bytes) -> bool:
@@ -320,8 +323,8 @@ class MmapStore:
         """The value stored under ``key``, or ``default`` when missing or expired."""
         if self._busy:
             self._busy.check()
-        try:  # the common key: a short str, at most 4 bytes a character, so under the limit
-            kb = key.encode() if type(key) is str and len(key) < 16384 else self._key(key)[0]
+        try:  # the common key: a short str
+            kb = key.encode() if type(key) is str and len(key) < _SHORT_KEY else self._key(key)[0]
         except UnicodeEncodeError:
             kb = self._key(key)[0]  # raises InvalidArgumentError
         if self._mm is None:
@@ -359,7 +362,7 @@ class MmapStore:
         if self._busy:
             self._busy.check()
         try:
-            kb, flags = (key.encode(), L.FLAG_STR_KEY) if type(key) is str and len(key) < 16384 else self._key(key)
+            kb, flags = (key.encode(), L.FLAG_STR_KEY) if type(key) is str and len(key) < _SHORT_KEY else self._key(key)
         except UnicodeEncodeError:
             kb, flags = self._key(key)  # raises InvalidArgumentError
         try:
@@ -572,27 +575,15 @@ class MmapStore:
     # ------------------------------------------------------------------ surveys, images, repair
 
     def _parse(self, page: int, po: int, off: int, limit: int, crc: bool) -> _Entry | None:
-        """The entry at ``off`` in a locked page if it is whole: aligned, inside
-        ``[data start, limit)``, its key hashing to this page (and decodable if it
-        was a str), its checksum valid (when ``crc``).  None otherwise."""
+        """The entry at ``off`` in a locked page if it is whole (``whole_entry``) and,
+        if it was a str key, decodable.  None otherwise."""
         mm = self._mm
         assert mm is not None
-        if off < self._d0 or off & 7 or off + L.ENTRY_SIZE > limit:
+        fields = whole_entry(mm, po, off, self._d0, limit, self._seed, self.num_pages, page, crc)
+        if fields is None:
             return None
-        eo = po + off
-        exp, h, vlen, klen, flags, dead, want = _entry_at(mm, eo)
-        span = L.entry_span(klen, vlen)
-        if off + span > limit:
-            return None
-        kb = mm[eo + L.ENTRY_SIZE:eo + L.ENTRY_SIZE + klen]
-        if crc and crc32(mm[eo + L.ENTRY_SIZE + klen:eo + L.ENTRY_SIZE + klen + vlen],
-                         crc32(kb, crc32(mm[eo:eo + L.ENTRY_CRC_SPAN]))) != want:
-            return None
-        if h != crc32(kb, self._seed) or page not in pages_of(h, self.num_pages):
-            return None
-        if flags & L.FLAG_STR_KEY and not _utf8(kb):
-            return None
-        return _Entry(off, span, vlen, kb, h, flags, exp, dead)
+        e = _Entry._make(fields)
+        return e if not e.flags & L.FLAG_STR_KEY or _utf8(e.key) else None
 
     def _survey(self, page: int, po: int) -> tuple[list[_Entry], dict[int, int], list[str]]:
         """Read a locked page by the repair rules (invariant 4), trusting no count.
