@@ -9,7 +9,9 @@ File::
 
 The file header records the geometry (page size, page count, slots per page), the
 format version and a random per-file hash seed, so every process that maps the
-file agrees on them; nothing is ever inferred from constructor arguments.
+file agrees on them; nothing is ever inferred from constructor arguments.  Those
+fields are written once and carry a crc32; the spare's state (below) is the only
+part of the header that changes.
 
 Page::
 
