@@ -23,7 +23,8 @@ Page::
   key bytes and the value bytes, padded to 8 bytes.  The crc covers every header
   byte before the dead flag plus key and value.
 * Slot: (entry offset within the page, last-access tick).  Offset 0 = empty,
-  1 = tombstone.  Open addressing with linear probing from ``slot_start(hash)``.
+  1 = tombstone.  Open addressing with linear probing from slot
+  ``(hash // num_pages) % slots``.
 
 Invariants
 ----------
