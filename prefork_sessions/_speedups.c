@@ -275,7 +275,7 @@ static PyObject *Pager_read(Pager *self, PyObject *key) {
         }
         Entry e;
         read_entry(buf + eo, &e);
-        if (eo - po + ENTRY_SIZE + klen + (Py_ssize_t)e.vlen > ps || e.dead) continue;
+        if (eo - po + ENTRY_SIZE + klen + (Py_ssize_t)e.vlen > ps) continue;  /* torn: the seq check would fail */
         PyObject *value = PyBytes_FromStringAndSize(buf + eo + ENTRY_SIZE + klen, e.vlen);
         if (!value) return NULL;
         __atomic_thread_fence(__ATOMIC_ACQUIRE);  /* the copy is complete before seq is re-read */
