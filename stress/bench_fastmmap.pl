@@ -1,224 +1,211 @@
 #!/usr/bin/perl
-# Cache::FastMmap side of stress/bench_store.py: the same operations on the same
-# workload, timed with Time::HiRes, results printed as one JSON object on stdout.
+# Cache::FastMmap side of stress/bench_store.py: one store, one round, in this fresh
+# process, on the workload the Python driver wrote into --workload DIR (config.json,
+# keys, values, session dicts, get order, counter sequence, retention sizes), so both
+# languages run the identical sequences.  Prints one JSON object on stdout.
 #
-# The Python driver writes the workload (keys, mix sequences, counter sequence,
-# retention sizes) into --workload DIR so both languages run the identical
-# sequence; without --workload the script generates its own from --seed (same
-# distributions, different draws), so it can also be run by hand:
+#   --serializer raw       raw_values: the 1 KiB random byte strings
+#   --serializer json      the session dicts through JSON::XS (like MmapStore's JSON)
+#   --serializer storable  the session dicts through Cache::FastMmap's default Storable
+#   --phase ops|retention
 #
-#   perl stress/bench_fastmmap.pl --keys 10000 --serializer raw --phases ops,retention
-#
-# Mix sequences are integers v: key index v >> 1, a set when v & 1, else a get.
+# Run it through the driver: python3 stress/bench_store.py --only fastmmap
 use strict;
 use warnings;
 use Cache::FastMmap;
 use Getopt::Long qw(GetOptions);
 use JSON::PP ();
+use List::Util qw(max min);
 use POSIX ();
-use File::Temp qw(tempdir);
 use Time::HiRes qw(clock_gettime CLOCK_MONOTONIC);
 
-my %o = (
-    keys                 => 10_000,
-    'value-size'         => 1024,
-    seed                 => 1,
-    serializer           => 'raw',      # raw (raw_values => 1) or storable (the default)
-    'get-passes'         => 5,
-    'mix-ops'            => 50_000,
-    'mix-procs'          => '1,2',
-    'incr-ops'           => 20_000,
-    counters             => 100,
-    'cache-size'         => 64 << 20,
-    'page-size'          => 64 << 10,
-    'retention-cache-size' => 16 << 20,
-    fills                => '0.85,0.70',
-    'min-size'           => 512,
-    'max-size'           => 4096,
-    phases               => 'ops,retention',
-    dir                  => undef,
-    workload             => undef,
-);
-GetOptions(\%o, 'keys=i', 'value-size=i', 'seed=i', 'serializer=s', 'get-passes=i',
-    'mix-ops=i', 'mix-procs=s', 'incr-ops=i', 'counters=i', 'cache-size=i', 'page-size=i',
-    'retention-cache-size=i', 'fills=s', 'min-size=i', 'max-size=i', 'phases=s', 'dir=s',
-    'workload=s')
-    or die "usage: $0 [--keys N] [--serializer raw|storable] [--workload DIR] ...\n";
-die "--serializer must be raw or storable\n" unless $o{serializer} =~ /^(raw|storable)$/;
-
-my $dir = $o{dir} // tempdir('bench_fastmmap.XXXXXX', TMPDIR => 1, CLEANUP => 1);
-my $raw = $o{serializer} eq 'raw';
-my %phase = map { $_ => 1 } split /,/, $o{phases};
-srand($o{seed});
+my %o = (serializer => 'raw', phase => 'ops', workload => undef, dir => undef);
+GetOptions(\%o, 'serializer=s', 'phase=s', 'workload=s', 'dir=s')
+    or die "usage: $0 --workload DIR --dir DIR [--serializer raw|json|storable] [--phase ops|retention]\n";
+die "--workload and --dir are required\n" unless defined $o{workload} && defined $o{dir};
+die "--serializer must be raw, json or storable\n" unless $o{serializer} =~ /^(raw|json|storable)$/;
+die "--phase must be ops or retention\n" unless $o{phase} =~ /^(ops|retention)$/;
 
 sub now { clock_gettime(CLOCK_MONOTONIC) }
 
-sub read_lines {
-    my ($path) = @_;
-    open(my $fh, '<', $path) or die "cannot read $path: $!\n";
-    chomp(my @l = <$fh>);
+sub slurp {
+    my ($name, $binary) = @_;
+    open(my $fh, '<', "$o{workload}/$name") or die "cannot read $o{workload}/$name: $!\n";
+    binmode $fh if $binary;
+    local $/;
+    my $s = <$fh>;
     close $fh;
-    return \@l;
+    return $s;
+}
+sub lines { [split /\n/, slurp($_[0])] }
+
+my $cfg = JSON::PP->new->decode(slurp('config.json'));
+my $blob = slurp('values.bin', 1);
+my $keys = lines('keys.txt');
+my $n = @$keys;
+
+# The JSON peer: JSON::XS directly, as Cache::FastMmap's own 'json' serializer does
+# through JSON.pm (which would be one more package and one more call per value).
+my $xs;
+if ($o{serializer} ne 'raw') {
+    eval { require JSON::XS; 1 }
+        or die "JSON::XS is missing: apt-get install libjson-xs-perl (or cpanm JSON::XS)\n";
+    $xs = JSON::XS->new->utf8->allow_nonref;
+}
+my $canon = $xs && JSON::XS->new->utf8->allow_nonref->canonical;    # for the read-back check only
+my %ser = (
+    raw      => [serializer => ''],
+    storable => [serializer => 'storable'],
+    json     => [serializer => [sub { $xs->encode(${ $_[0] }) }, sub { \$xs->decode($_[0]) }]],
+);
+
+my $nfile = 0;
+sub cache_args {
+    my ($file, $size, $init) = @_;
+    # num_pages (not cache_size): FastMmap would round the page count up.
+    return (share_file => $file, init_file => $init, unlink_on_exit => 0, page_size => $cfg->{page_size},
+            num_pages => int($size / $cfg->{page_size}), expire_time => 0, @{ $ser{ $o{serializer} } });
+}
+# A fresh file of its own; init_file writes every page, before any clock starts.
+sub new_cache {
+    my ($size) = @_;
+    my $file = "$o{dir}/fastmmap-$$-" . $nfile++;
+    return (Cache::FastMmap->new(cache_args($file, $size, 1)), $file);
 }
 
-sub rand_key { sprintf('session:%08x%08x%08x%08x', map { int(rand(2**32)) } 1 .. 4) }
-
-sub workload_file {
-    my ($name) = @_;
-    return undef unless defined $o{workload};
-    my $p = "$o{workload}/$name";
-    return -e $p ? read_lines($p) : undef;
-}
-
-# Each cache gets a fresh file of exactly num_pages * page_size bytes: giving
-# num_pages (not cache_size) stops FastMmap rounding the page count up.
-my $ncache = 0;
-sub open_cache {
-    my ($size, $file) = @_;
-    $file //= "$dir/fastmmap-$$-" . $ncache++;
-    return Cache::FastMmap->new(
-        share_file     => $file,
-        init_file      => 1,
-        unlink_on_exit => 0,
-        page_size      => $o{'page-size'},
-        num_pages      => int($size / $o{'page-size'}),
-        expire_time    => 0,    # never expire
-        ($raw ? (raw_values => 1) : ()),
-    ), $file;
-}
-
-my $value = $raw ? ('x' x $o{'value-size'}) : { data => ('x' x $o{'value-size'}) };
-my %res;
-
-if ($phase{ops}) {
-    my $keys = workload_file('keys.txt') // [map { rand_key() } 1 .. $o{keys}];
-    my $n = @$keys;
-    my ($c, $file) = open_cache($o{'cache-size'});
-
+sub timed_sets {
+    my ($c, $vals) = @_;
     my $t0 = now();
-    $c->set($_, $value) for @$keys;
-    $res{set} = { ops => $n, secs => now() - $t0 };
+    $c->set($keys->[$_], $vals->[$_]) for 0 .. $n - 1;
+    return { ops => $n, secs => now() - $t0 };
+}
 
-    # The same keys again: overwrites, on pages the inserts already touched.
-    $t0 = now();
-    $c->set($_, $value) for @$keys;
-    $res{update} = { ops => $n, secs => now() - $t0 };
+my %out = (store => 'Cache::FastMmap', version => $Cache::FastMmap::VERSION, serializer => $o{serializer},
+           perl => sprintf('%vd', $^V));
 
-    my $hits = 0;
-    $t0 = now();
-    for (1 .. $o{'get-passes'}) {
-        for (@$keys) { $hits++ if defined $c->get($_) }
+if ($o{phase} eq 'ops') {
+    my $vs = $cfg->{value_size};
+    my @vals = $o{serializer} eq 'raw'
+        ? map { substr($blob, $_ * $vs, $vs) } 0 .. $n - 1
+        : map { $xs->decode($_) } @{ lines('sessions.jsonl') };
+    my ($c, $file) = new_cache($cfg->{cache_size});
+    my %res;
+    $res{insert} = timed_sets($c, \@vals);
+    my @passes;
+    for my $p (1 .. $cfg->{passes}) {    # pass p writes value i + p: always a new value
+        my @vp = (@vals[$p % $n .. $n - 1], @vals[0 .. $p % $n - 1]);
+        push @passes, timed_sets($c, \@vp);
     }
-    $res{get} = { ops => $n * $o{'get-passes'}, secs => now() - $t0 };
-    die "get: $hits hits of " . $res{get}{ops} . " (the cache evicted: raise --cache-size)\n"
-        if $hits != $res{get}{ops};
+    $res{overwrite} = { passes => \@passes };
 
-    my @seqs;
-    my $maxp = 0;
-    for (split /,/, $o{'mix-procs'}) { $maxp = $_ if $_ > $maxp }
-    for my $p (0 .. $maxp - 1) {
-        $seqs[$p] = workload_file("mix_$p.txt")
-            // [map { (int(rand($n)) << 1) | (rand() < 0.2 ? 1 : 0) } 1 .. $o{'mix-ops'}];
+    my @gkeys = map { $keys->[$_] } @{ lines('get_order.txt') };
+    my $misses = 0;
+    my $t0 = now();
+    for (1 .. $cfg->{get_passes}) {
+        for (@gkeys) { defined $c->get($_) or $misses++ }
     }
-    my $mix = sub {
-        my ($cache, $seq) = @_;
-        for my $v (@$seq) {
-            if ($v & 1) { $cache->set($keys->[$v >> 1], $value) }
-            else        { $cache->get($keys->[$v >> 1]) }
-        }
-    };
-    for my $procs (split /,/, $o{'mix-procs'}) {
-        if ($procs == 1) {
-            $t0 = now();
-            $mix->($c, $seqs[0]);
-            my $secs = now() - $t0;
-            $res{mix1} = { ops => scalar @{ $seqs[0] }, secs => $secs, per_proc => [$secs] };
-            next;
-        }
-        # Children open the file themselves, report ready, wait for "go" on a
-        # pipe, then time their own loop; aggregate = all ops / (last end - first start).
-        my (@kids, @outs);
-        pipe(my $go_r, my $go_w) or die "pipe: $!";
-        for my $p (0 .. $procs - 1) {
-            pipe(my $r, my $w) or die "pipe: $!";
-            my $pid = fork() // die "fork: $!";
-            if (!$pid) {
-                close $r; close $go_w;
-                my $cc = Cache::FastMmap->new(share_file => $file, init_file => 0,
-                    unlink_on_exit => 0, page_size => $o{'page-size'},
-                    num_pages => int($o{'cache-size'} / $o{'page-size'}), expire_time => 0,
-                    ($raw ? (raw_values => 1) : ()));
-                syswrite($w, "ready\n");
-                sysread($go_r, my $buf, 1);
-                my $s = now();
-                $mix->($cc, $seqs[$p]);
-                my $e = now();
-                syswrite($w, sprintf("%.9f %.9f %d\n", $s, $e, scalar @{ $seqs[$p] }));
-                close $w;
-                POSIX::_exit(0);    # no destructors: the parent owns the file
-            }
-            close $w;
-            push @kids, $pid;
-            push @outs, $r;
-        }
-        close $go_r;
-        for my $r (@outs) { my $l = <$r>; die "mix child failed to start\n" unless $l && $l eq "ready\n" }
-        syswrite($go_w, 'g' x $procs);
-        close $go_w;
-        my ($first, $last, $ops, @per) = (undef, undef, 0);
-        for my $r (@outs) {
-            my $l = <$r> // die "mix child died\n";
-            my ($s, $e, $k) = split ' ', $l;
-            $first = $s if !defined $first || $s < $first;
-            $last  = $e if !defined $last  || $e > $last;
-            $ops += $k;
-            push @per, $e - $s;
-        }
-        for (@kids) { waitpid($_, 0); die "mix child exited $?\n" if $? }
-        $res{"mix$procs"} = { ops => $ops, secs => $last - $first, per_proc => \@per };
+    $res{get} = { ops => $n * $cfg->{get_passes}, secs => now() - $t0 };
+    die "get: $misses misses: the cache evicted; raise --cache-size\n" if $misses;
+    # Read back what the last pass wrote (every key raw; a sample of the dicts,
+    # compared as canonical JSON, which would take longer than the figures).
+    my $last = $cfg->{passes} % $n;
+    my $wrong = 0;
+    for my $i ($o{serializer} eq 'raw' ? (0 .. $n - 1) : map { int($_ * $n / 100) } 0 .. min(99, $n - 1)) {
+        my $want = $vals[($i + $last) % $n];
+        my $got = $c->get($keys->[$i]);
+        $wrong++ unless defined $got
+            && ($o{serializer} eq 'raw' ? $got eq $want : $canon->encode($got) eq $canon->encode($want));
     }
+    die "$wrong keys read back a value other than the last written\n" if $wrong;
 
-    my $cseq = workload_file('incr.txt') // [map { int(rand($o{counters})) } 1 .. $o{'incr-ops'}];
-    my @ckeys = map { "counter:$_" } 0 .. $o{counters} - 1;
-    my $inc = sub { ($_[1] // 0) + 1 };
-    $t0 = now();
-    $c->get_and_set($ckeys[$_], $inc) for @$cseq;
-    $res{incr} = { ops => scalar @$cseq, secs => now() - $t0 };
-    my $total = 0;
-    $total += $c->get($_) // 0 for @ckeys;
-    die "get_and_set: counters sum to $total, expected " . scalar(@$cseq) . "\n"
-        if $total != @$cseq;
+    if ($o{serializer} eq 'raw') {
+        my @ckeys = map { "counter:$_" } 0 .. $cfg->{counters} - 1;
+        my $seq = lines('incr.txt');
+        my $inc = sub { ($_[1] // 0) + 1 };
+        $t0 = now();
+        $c->get_and_set($ckeys[$_], $inc) for @$seq;
+        $res{get_and_set} = { ops => scalar @$seq, secs => now() - $t0 };
+        my @counts = map { $c->get($_) // 0 } @ckeys;
+        my $sum = 0;
+        $sum += $_ for @counts;
+        $res{get_and_set}{count} = $sum;
+        $res{get_and_set}{expected} = scalar @$seq;
+        $res{get_and_set}{exact} = (grep { $_ != $cfg->{increments} } @counts) ? JSON::PP::false : JSON::PP::true;
+
+        undef $c;    # closed across the fork, as on the Python side; reopened for the count
+        $res{contended} = contended($file);
+        $c = Cache::FastMmap->new(cache_args($file, $cfg->{cache_size}, 0));
+        $res{contended}{count} = 0 + ($c->get('counter:contended') // 0);
+    }
     undef $c;
     unlink $file;
+    $out{results} = \%res;
 }
 
-if ($phase{retention}) {
-    my $items = workload_file('retention.txt');
-    if (!$items) {
-        my ($lo, $hi) = ($o{'min-size'}, $o{'max-size'});
-        $items = [map { rand_key() . ' ' . ($lo + int(rand($hi - $lo + 1))) }
-                  1 .. int(2 * $o{'retention-cache-size'} / $lo)];
+# procs children, each with its own handle, increment one counter together: each
+# reports ready, waits for "go" on a pipe, then times its own loop.
+sub contended {
+    my ($file) = @_;
+    my ($procs, $per) = ($cfg->{procs}, $cfg->{contended});
+    my (@kids, @outs);
+    pipe(my $go_r, my $go_w) or die "pipe: $!";
+    for (1 .. $procs) {
+        pipe(my $r, my $w) or die "pipe: $!";
+        my $pid = fork() // die "fork: $!";
+        if (!$pid) {
+            close $r; close $go_w;
+            my $cc = Cache::FastMmap->new(cache_args($file, $cfg->{cache_size}, 0));
+            my $inc = sub { ($_[1] // 0) + 1 };
+            syswrite($w, "ready\n");
+            sysread($go_r, my $buf, 1);
+            my $s = now();
+            $cc->get_and_set('counter:contended', $inc) for 1 .. $per;
+            my $e = now();
+            syswrite($w, sprintf("%.9f %.9f\n", $s, $e));
+            POSIX::_exit(0);    # no destructors: the parent owns the file
+        }
+        close $w;
+        push @kids, $pid;
+        push @outs, $r;
     }
-    for my $fill (split /,/, $o{fills}) {
-        my ($c, $file) = open_cache($o{'retention-cache-size'});
-        my $limit = $fill * $o{'retention-cache-size'};
+    close $go_r;
+    for my $r (@outs) {
+        my $l = <$r>;
+        if (!$l || $l ne "ready\n") { kill 'KILL', @kids; waitpid($_, 0) for @kids; die "contended: a child failed to start\n" }
+    }
+    syswrite($go_w, 'g' x $procs);
+    close $go_w;
+    my (@s, @e);
+    for my $r (@outs) {
+        my $l = <$r>;
+        if (!$l) { kill 'KILL', @kids; waitpid($_, 0) for @kids; die "contended: a child died\n" }
+        my ($s, $e) = split ' ', $l;
+        push @s, $s;
+        push @e, $e;
+    }
+    for (@kids) { waitpid($_, 0); die "contended: a child exited $?\n" if $? }
+    return { ops => $procs * $per, secs => max(@e) - min(@s), per_proc => [map { $e[$_] - $s[$_] } 0 .. $#s],
+             expected => $procs * $per };
+}
+
+if ($o{phase} eq 'retention') {
+    my @items = map { [split ' '] } @{ lines('retention.txt') };
+    for my $fill (@{ $cfg->{fills} }) {
+        my ($c, $file) = new_cache($cfg->{retention_cache_size});
+        my $limit = $fill * $cfg->{retention_cache_size};
         my ($bytes, @inserted) = (0);
-        for (@$items) {
+        for (@items) {
             last if $bytes >= $limit;
-            my ($k, $size) = split ' ';
-            my $v = 'r' x $size;
-            $c->set($k, $v);
+            my ($k, $size, $off) = @$_;
+            $c->set($k, substr($blob, $off, $size));
             $bytes += length($k) + $size;
             push @inserted, $k;
         }
         my $kept = grep { defined $c->get($_) } @inserted;
-        $res{retention}{$fill} = { inserted => scalar @inserted, kept => $kept, bytes => $bytes };
+        $out{retention}{$fill} = { inserted => scalar @inserted, kept => $kept, bytes => $bytes };
         undef $c;
         unlink $file;
     }
 }
 
-print JSON::PP->new->canonical->encode({
-    store => 'Cache::FastMmap', version => $Cache::FastMmap::VERSION,
-    serializer => $raw ? 'raw_values' : 'Storable', perl => sprintf('%vd', $^V), results => \%res,
-}), "\n";
+print JSON::PP->new->canonical->encode(\%out), "\n";

@@ -1,7 +1,8 @@
-"""Smoke run of stress/bench_store.py --quick: it finishes and prints the table.
+"""Smoke runs of stress/bench_store.py --quick: every store produces every figure, the
+counters end exact, the report names the pager, a wrong count is reported loudly.
 
-No timing assertions: only that every store produced numbers.  Every peer must
-be installed (.ci/run installs them): a missing one fails, naming the fix.
+No timing assertions.  Every default peer must be installed (.ci/run installs them): a
+missing one fails, naming the fix.
 """
 
 from __future__ import annotations
@@ -13,70 +14,155 @@ import re
 import shutil
 import subprocess
 import sys
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+import prefork_sessions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "stress", "bench_store.py")
 
-LABELS = {
-    "mmapstore": ["MmapStore (raw)", "MmapStore (json)"],
-    "fastmmap": ["Cache::FastMmap (raw_values)", "Cache::FastMmap (Storable)"],
-    "diskcache": ["diskcache"],
-    "lmdb": ["lmdb"],
-    "redis": ["redis"],
-}
-NUMBER_ROW = r"\|\s+{label}(?: \[[^]]*\])?\s+\|\s+[\d,]+\s+\|\s+\d+\.\d\d\s+\|"
+RAW = ["MmapStore (raw)", "lmdb (raw)", "Cache::FastMmap (raw_values)"]
+SESSION = ["MmapStore (json)", "lmdb (orjson)", "Cache::FastMmap (JSON::XS)", "Cache::FastMmap (Storable)"]
+RAW_ROWS = ["insert into a fresh file", "overwrite, sustained: median pass", "overwrite, sustained: last pass",
+            "get, shuffled", "get_and_set, counters", "contended, one counter"]
+SESSION_ROWS = RAW_ROWS[:4]
+TARGETS = ["insert into a fresh file: MmapStore / lmdb (raw)", "overwrite, sustained: median pass: MmapStore / lmdb",
+           "get, shuffled: MmapStore / lmdb (raw)", "get_and_set, counters: MmapStore / lmdb (raw)",
+           "contended, one counter: MmapStore / lmdb (raw)", "get, shuffled: MmapStore / Cache::FastMmap",
+           "insert into a fresh file: MmapStore / Cache::FastMmap", "contended, one counter: MmapStore / Cache::FastMmap",
+           "retention at 85% fill: MmapStore"]
+NUMBER, RATIO = re.compile(r"^[\d,]+$"), re.compile(r"^\d+\.\d\dx$")
 
 
-def _has_fastmmap() -> bool:
-    if not shutil.which("perl"):
-        return False
-    return subprocess.run(["perl", "-MCache::FastMmap", "-e", "1"], check=False, capture_output=True).returncode == 0
+def perl_has(module: str) -> bool:
+    return bool(shutil.which("perl")) and subprocess.run(
+        ["perl", f"-M{module}", "-e", "1"], check=False, capture_output=True).returncode == 0
 
 
-def available() -> tuple[list[str], list[str]]:
-    have = {
-        "mmapstore": True,
-        "fastmmap": _has_fastmmap(),
-        "diskcache": importlib.util.find_spec("diskcache") is not None,
-        "lmdb": importlib.util.find_spec("lmdb") is not None,
-        "redis": shutil.which("redis-server") is not None and importlib.util.find_spec("redis") is not None,
-    }
-    return [s for s, ok in have.items() if ok], [s for s, ok in have.items() if not ok]
-
-
-def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
+def run_bench(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, BENCH, "--quick", *args], check=False, capture_output=True, text=True,
-                          timeout=240, cwd=ROOT)
+                          timeout=240, cwd=ROOT, env=env)
 
 
-def test_quick_run_prints_table_for_every_store() -> None:
-    stores, missing = available()
-    assert not missing, (
-        f"benchmark peers missing: {', '.join(missing)}; install them as .ci/run does "
-        "(apt-get install libcache-fastmmap-perl redis-server; pip install '.[test]')"
-    )
-    p = run_bench("--only", ",".join(stores))
-    assert p.returncode == 0, p.stderr
+def tables(out: str) -> list[list[list[str]]]:
+    """Every markdown table in the output, as rows of stripped cells (separator rows dropped)."""
+    found: list[list[list[str]]] = []
+    current: list[list[str]] = []
+    for line in out.splitlines() + [""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if not all(set(c) <= set("-:") for c in cells):
+                current.append(cells)
+        elif current:
+            found.append(current)
+            current = []
+    return found
+
+
+def table_with(out: str, label: str) -> list[list[str]]:
+    for t in tables(out):
+        if label in t[0]:
+            return t
+    raise AssertionError(f"no table with a {label!r} column\n{out}")
+
+
+def assert_figures(out: str, labels: list[str], rows: list[str]) -> None:
+    t = table_with(out, labels[0])
+    head = t[0]
+    assert head[1:1 + len(labels)] == labels, head
+    for title in rows:
+        row = next((r for r in t[1:] if r[0].startswith(title)), None)
+        assert row is not None, f"no {title!r} row\n{out}"
+        for label, cell in zip(head[1:], row[1:]):
+            pattern = RATIO if label.startswith("Mmap/") else NUMBER
+            assert pattern.match(cell), f"{title} / {label}: {cell!r}\n{out}"
+    peers = len(labels) - 1 if labels[0].startswith("MmapStore") else 0
+    assert len(head) == 1 + len(labels) + peers, f"one ratio column per peer: {head}"
+
+
+def test_quick_run_reports_every_figure_and_exact_counters() -> None:
+    assert perl_has("Cache::FastMmap") and perl_has("JSON::XS"), (
+        "benchmark peers missing: install them as .ci/run does "
+        "(apt-get install libcache-fastmmap-perl libjson-xs-perl; pip install '.[test]')")
+    p = run_bench()
+    assert p.returncode == 0, p.stdout + p.stderr
     out = p.stdout
-    assert out.startswith("Machine: "), out
-    assert "[skipped]" not in out, out
-    for store in stores:
-        for label in LABELS[store]:
-            for op_row in ("set (insert)", "get (hits)", "80/20 get/set, 2 procs", "get_and_set incr"):
-                assert op_row in out
-            rows = re.findall(NUMBER_ROW.format(label=re.escape(label)), out)
-            assert len(rows) == 6, f"{label}: expected 6 rows of numbers\n{out}"
-    assert re.search(r"\| MmapStore \(raw\)\s+\|\s+85% \|\s+[\d,]+ \|\s+[\d,]+ \|\s+\d+\.\d\d%", out), out
-    assert re.search(r"\[(PASS|FAIL)\] get \(hits\) vs Cache::FastMmap \(raw_values\): \d+\.\d\dx", out), out
+    assert re.match(r"Machine: .+, \d+ cores .*Linux .*Python 3\.\d+.*; files in \S+ \(\w+\)", out), out
+    pager = "C (prefork_sessions.ACCELERATED is True)" if prefork_sessions.ACCELERATED else "pure Python"
+    assert f"MmapStore pager: {pager}" in out, out
+    assert_figures(out, RAW, RAW_ROWS)
+    assert_figures(out, SESSION, SESSION_ROWS)
+    assert ("Counters exact in every round: 10 x 100 and contended 800 of 800 for "
+            "MmapStore (raw), lmdb (raw), Cache::FastMmap (raw_values)") in out, out
+    assert "FAIL: COUNTER" not in out and "[error]" not in out, out
+    ret = table_with(out, "% kept")
+    assert any(r[:2] == ["MmapStore (raw)", "85%"] and r[4].endswith("%") for r in ret), out
+    assert any(r[:2] == ["Cache::FastMmap (raw_values)", "85%"] for r in ret), out
+    for what in TARGETS:
+        assert re.search(rf"\[(PASS|FAIL)\] {re.escape(what)}.*: \d+\.\d\d[x%] \(target >= ", out), what
 
 
-def test_quick_json_output_is_machine_readable() -> None:
+@pytest.fixture(scope="module")
+def json_report() -> dict[str, Any]:
     p = run_bench("--only", "mmapstore,lmdb", "--json", "--keys", "200")
     assert p.returncode == 0, p.stderr
-    report = json.loads(p.stdout)
-    assert report["errors"] == []
-    for label in ("MmapStore (raw)", "MmapStore (json)", "lmdb"):
-        for op in ("set", "update", "get", "mix1", "mix2", "incr"):
-            assert report["summary"][label][op]["ops_per_s"] > 0
-    assert report["ratios"]["lmdb"]["get"] > 0
-    assert report["retention"]["MmapStore (raw)"]["0.85"]["inserted"] > 0
+    report: dict[str, Any] = json.loads(p.stdout)
+    return report
+
+
+def test_json_report_counts_every_increment(json_report: dict[str, Any]) -> None:
+    r = json_report
+    assert r["errors"] == [] and r["count_failures"] == []
+    assert r["accelerated"] is prefork_sessions.ACCELERATED
+    cfg = r["config"]
+    for label in ("MmapStore (raw)", "lmdb (raw)"):
+        for rnd in r["rounds"][label]:
+            assert rnd["contended"]["count"] == rnd["contended"]["expected"] == cfg["procs"] * cfg["contended"]
+            assert rnd["get_and_set"]["count"] == cfg["counters"] * cfg["increments"]
+            assert rnd["get_and_set"]["exact"] is True
+            assert len(rnd["overwrite"]["passes"]) == cfg["passes"] == 10
+        assert set(r["summary"][label]) == {"insert", "overwrite", "overwrite_last", "get", "get_and_set",
+                                            "contended"}
+        assert all(x > 0 for x in r["summary"][label].values())
+    assert set(r["ratios"]["lmdb (raw)"]) == set(r["summary"]["lmdb (raw)"])
+    assert set(r["ratios"]["lmdb (orjson)"]) == {"insert", "overwrite", "overwrite_last", "get"}
+
+
+def load_bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_store_under_test", BENCH)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_wrong_count_is_reported_loudly(json_report: dict[str, Any]) -> None:
+    bench = load_bench()
+    r = json.loads(json.dumps(json_report))
+    r["rounds"]["lmdb (raw)"][0]["contended"]["count"] -= 1
+    failures = bench.count_failures(r["rounds"])
+    want = r["config"]["procs"] * r["config"]["contended"]
+    assert failures == [f"lmdb (raw) contended, one counter, round 1: count {want - 1:,}, expected {want:,}"]
+    r["count_failures"] = failures
+    assert f"!!! FAIL: COUNTER NOT EXACT: {failures[0]}" in bench.render(r)
+
+
+def test_pure_python_pager_is_named() -> None:
+    env = dict(os.environ, PREFORK_SESSIONS_PURE="1")
+    p = run_bench("--only", "mmapstore", "--keys", "100", env=env)
+    assert p.returncode == 0, p.stderr
+    assert ("MmapStore pager: pure Python (PREFORK_SESSIONS_PURE=1; prefork_sessions.ACCELERATED is False)"
+            in p.stdout), p.stdout
+    assert_figures(p.stdout, ["MmapStore (raw)"], RAW_ROWS)
+
+
+def test_opt_in_peers_diskcache_and_redis() -> None:
+    assert shutil.which("redis-server"), "redis-server missing: apt-get install redis-server"
+    p = run_bench("--only", "diskcache,redis", "--keys", "100")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert_figures(p.stdout, ["diskcache (raw)", "redis (raw)"], RAW_ROWS)
+    assert "contended 800 of 800 for diskcache (raw), redis (raw)" in p.stdout, p.stdout
