@@ -11,6 +11,7 @@ from ._errors import (
     StoreClosedError,
     StorePathError,
     UnsafeFileError,
+    UnsupportedPlatformError,
     ValueTooLargeError,
 )
 from ._pager import ACCELERATED
@@ -38,6 +39,7 @@ __all__ = [
     "StoreClosedError",
     "StorePathError",
     "UnsafeFileError",
+    "UnsupportedPlatformError",
     "ValueTooLargeError",
     "with_session",
 ]

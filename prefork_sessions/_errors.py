@@ -58,3 +58,8 @@ class NoSpaceError(SessionStoreError, OSError):
     """The file system has no room for the store file (or for the blocks behind
     a sparse one); nothing was created, and an existing file's contents were
     left as they were."""
+
+
+class UnsupportedPlatformError(SessionStoreError, OSError):
+    """This platform cannot speak the store's lock protocol (robust process-shared
+    pthread mutexes, Linux)."""

@@ -47,6 +47,7 @@ from typing import Any
 from zlib import crc32
 
 from . import _layout as L
+from . import _locks
 from ._errors import FileFormatError, NoSpaceError, StorePathError, UnsafeFileError
 
 FILE_MODE = 0o640
@@ -349,10 +350,11 @@ def _build(fd: int, path: str, directory: str, page_size: int, num_pages: int, s
         for at in range(0, size, len(zeros)):
             os.pwrite(fd, zeros[:size - at], at)
         slots = L.slots_for(page_size)
-        header = L.pack_header(page_size, num_pages, slots, secrets.randbits(32), secrets.randbits(64), time.time())
+        header = L.pack_header(page_size, num_pages, slots, secrets.randbits(32), secrets.randbits(64), time.time(),
+                               _locks.protocol())
         os.pwrite(fd, header, 0)
-        page_header = L.empty_page_header(slots)
-        for page in range(num_pages):
+        page_header = L.empty_page_header(slots, _locks.template())
+        for page in range(L.SPARE_LOCK, num_pages):
             os.pwrite(fd, page_header, L.page_offset(page_size, page))
     except OSError as e:
         if e.errno in _NO_ROOM:
@@ -435,7 +437,7 @@ def _validate(fd: int, path: str) -> Geometry:
             f"{path} is not a prefork_sessions store file (bad magic); it was left untouched. "
             "Delete it or choose another path."
         )
-    _, version, header_size, page_size, num_pages, slots, seed, _, _ = L.HEADER.unpack_from(raw)
+    _, version, header_size, page_size, num_pages, slots, seed, _, _, locking = L.HEADER.unpack_from(raw)
     if version != L.VERSION or header_size != L.HEADER_SIZE:
         raise FileFormatError(
             f"{path} has store format version {version}; this prefork_sessions reads version "
@@ -446,6 +448,14 @@ def _validate(fd: int, path: str) -> Geometry:
             f"{path}: its header (geometry and hash seed) fails its checksum, so the file was "
             "damaged from outside; it was left untouched. Restore it from a backup, or delete it "
             "(sessions will be lost)."
+        )
+    if locking.rstrip(b"\0") != _locks.protocol():
+        theirs = locking.rstrip(b"\0").decode(errors="replace")
+        raise FileFormatError(
+            f"{path} was made by a process that locks pages as {theirs!r}; this one locks them as "
+            f"{_locks.protocol().decode()!r}, and every process on one file must lock alike "
+            "(same C library and architecture). Use the file from matching machines only, or give "
+            "this one its own path; it was left untouched."
         )
     sane = (
         L.MIN_PAGE_SIZE <= page_size <= L.MAX_PAGE_SIZE and num_pages >= 1

@@ -17,6 +17,10 @@ Page::
 
     [ page header: PAGE_HDR_SIZE ][ slot table: slots * SLOT.size ][ data area ... ]
 
+* Page header: the page's lock (a process-shared robust mutex, ``_locks``), then
+  ``seq``, then the counts and counters.  A page image (compaction, repair) is
+  everything after ``seq``: it never carries a lock.  The spare page has a
+  header of the same shape, and its lock is the spare's.
 * The data area is a bump allocator: entries are appended at ``bump`` and never
   move, except when a page is compacted (see the spare page below).
 * Entry: ENTRY header (expiry, hash, lengths, flags, dead flag, crc32) then the
@@ -28,7 +32,8 @@ Page::
 
 Invariants
 ----------
-1. Every write happens with the page locked; the writer makes the page's ``seq``
+1. Every write happens with the page's lock held (``_locks`` says how locks
+   work and in which order they are taken); the writer makes the page's ``seq``
    odd before its first store and even after its last.  A locker that finds
    ``seq`` odd knows the previous writer died mid-change and repairs the page.
 2. One store per field.  Every header field, slot half and spare-state word is
@@ -76,12 +81,13 @@ import sys
 from zlib import crc32
 
 MAGIC = b"\x89PFSESS\n"
-VERSION = 2  # 2: repair by latest entry, zeroed tails, checksummed spare (1 cannot be read)
+VERSION = 3  # 3: a robust mutex in every page header (2: fcntl locks; older versions cannot be read)
 
 HEADER_SIZE = 4096
 # magic, version, header size, page size, num pages, slots per page, hash seed,
-# file id, creation time
-HEADER = struct.Struct("<8sIIIIIIQd")
+# file id, creation time, lock protocol (``_locks.protocol()``: every process on the
+# file must lock the same way, so a file made elsewhere is refused on open)
+HEADER = struct.Struct("<8sIIIIIIQd32s")
 # crc32 of those fields, right after them: they are written once, when the file is
 # created, so a damaged header (a changed seed would make every key hash elsewhere
 # and every page repair to empty) is refused on open instead of spreading.
@@ -97,25 +103,31 @@ SPARE_EMPTY = 0
 SPARE_VALID = 1
 SPARE_LOCK = -1  # pseudo page index of the spare's lock
 
-# seq, entries, used slots (live + tombstones), bump, dead bytes,
-# evictions (of unexpired entries), expirations, recoveries
-PAGE_HDR = struct.Struct("<QIIIIQQQ")
-PAGE_HDR_SIZE = 64
+# Page header: the page's lock (``_locks``), seq, then what a page image carries.
+OFF_LOCK = 0
+LOCK_SIZE = 64  # room for the platform's pthread_mutex_t (40 bytes on x86-64 glibc, 48 on arm64)
+OFF_SEQ = OFF_LOCK + LOCK_SIZE
 SEQ = struct.Struct("<Q")
-OFF_COUNTS = SEQ.size  # everything a page copy carries over starts after seq
+OFF_COUNTS = OFF_SEQ + SEQ.size  # a page image: everything from here to the page's end
 COUNTS = struct.Struct("<IIII")  # entries, used, bump, dead (read together, stored one by one)
 OFF_ENTRIES = OFF_COUNTS
 OFF_USED = OFF_COUNTS + 4
 OFF_BUMP = OFF_COUNTS + 8
 OFF_DEADBYTES = OFF_COUNTS + 12
-OFF_EVICTIONS = 24
-OFF_EXPIRATIONS = 32
-OFF_RECOVERIES = 40
+OFF_EVICTIONS = OFF_COUNTS + COUNTS.size
+OFF_EXPIRATIONS = OFF_EVICTIONS + 8
+OFF_RECOVERIES = OFF_EXPIRATIONS + 8
+# at OFF_SEQ: seq, entries, used slots (live + tombstones), bump, dead bytes,
+# evictions (of unexpired entries), expirations, recoveries
+PAGE_HDR = struct.Struct("<QIIIIQQQ")
+PAGE_HDR_SIZE = 128  # the slot table starts here
 U64 = struct.Struct("<Q")
 U32 = struct.Struct("<I")
 U32_MASK = 0xFFFFFFFF
 
 SLOT = struct.Struct("<II")  # entry offset within page, last-access tick (see tick())
+SLOT_SHIFT = 3  # slot i is at PAGE_HDR_SIZE + (i << SLOT_SHIFT): SLOT.size == 8
+SLOT_TICK = 4  # offset of the tick within a slot
 SLOT_EMPTY = 0
 SLOT_TOMB = 1
 
@@ -124,7 +136,12 @@ ENTRY = struct.Struct("<dIIHBBI")
 ENTRY_SIZE = ENTRY.size  # 24
 ENTRY_CRC_SPAN = 19  # header bytes covered by the crc: everything before `dead`
 ENTRY_HEAD = struct.Struct("<dIIHB")  # the crc-covered part, for packing
+OFF_E_HASH = 8  # field offsets within an entry, as ENTRY lays them out
+OFF_E_VLEN = 12
+OFF_E_KLEN = 16
+OFF_E_FLAGS = 18
 OFF_DEAD = 19
+OFF_E_CRC = 20
 FLAG_STR_KEY = 1
 DAMAGED = -1  # entry offset a locked probe returns for a page that fails its checks
 
@@ -150,9 +167,12 @@ def entry_span(klen: int, vlen: int) -> int:
     return (ENTRY_SIZE + klen + vlen + 7) & ~7
 
 
-def pack_header(page_size: int, num_pages: int, slots: int, seed: int, file_id: int, created: float) -> bytes:
+def pack_header(
+    page_size: int, num_pages: int, slots: int, seed: int, file_id: int, created: float, lock_protocol: bytes
+) -> bytes:
     """A new file's header fields and their checksum."""
-    raw = HEADER.pack(MAGIC, VERSION, HEADER_SIZE, page_size, num_pages, slots, seed, file_id, created)
+    raw = HEADER.pack(MAGIC, VERSION, HEADER_SIZE, page_size, num_pages, slots, seed, file_id, created,
+                      lock_protocol)
     return raw + U32.pack(crc32(raw))
 
 
@@ -174,9 +194,10 @@ def page_offset(page_size: int, page: int) -> int:
     return HEADER_SIZE + page_size * (page + 1)
 
 
-def empty_page_header(slots: int) -> bytes:
-    """A freshly initialised page header (seq 0, no entries)."""
-    return PAGE_HDR.pack(0, 0, 0, data_start(slots), 0, 0, 0, 0).ljust(PAGE_HDR_SIZE, b"\0")
+def empty_page_header(slots: int, lock: bytes) -> bytes:
+    """A freshly initialised page header (an unlocked lock, seq 0, no entries)."""
+    return (lock.ljust(LOCK_SIZE, b"\0") + PAGE_HDR.pack(0, 0, 0, data_start(slots), 0, 0, 0, 0)).ljust(
+        PAGE_HDR_SIZE, b"\0")
 
 
 TICKS_PER_SECOND = 16

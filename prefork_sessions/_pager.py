@@ -7,18 +7,16 @@ in the mapping.  See ``_layout`` for the format and the seqlock rules.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import mmap
 import os
 import struct
-import threading
 import time
 import warnings
 from typing import Literal
 from zlib import crc32
 
 from . import _layout as L
+from ._locks import Locked, Mutexes
 
 FIB = 0x9E3779B1  # Fibonacci hashing multiplier: spreads the second page choice
 READ_TRIES = 4
@@ -26,8 +24,6 @@ READ_TRIES = 4
 _u32_at = L.U32.unpack_from
 _entry_at = L.ENTRY.unpack_from
 TORN = (struct.error, IndexError, ValueError, OverflowError)  # what a torn read can raise
-F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
-FLOCK = struct.Struct("hhqqi")  # struct flock: type, whence, start, len, pid (0 for OFD locks)
 
 
 def pages_of(h: int, n: int) -> tuple[int, int]:
@@ -67,21 +63,21 @@ def whole_entry(
 class Pager:
     """Hot-path access to a mapped store file of a given geometry."""
 
-    def __init__(
-        self, mm: mmap.mmap, fd: int, seed: int, npages: int, page_size: int, nslots: int, max_used: int
-    ) -> None:
+    def __init__(self, mm: mmap.mmap, seed: int, npages: int, page_size: int, nslots: int, max_used: int) -> None:
         self._mm: mmap.mmap | None = mm
         self._w: L.Words | None = L.Words(mm)
-        self._fd, self._seed, self._n, self._ps, self._nslots = fd, seed, npages, page_size, nslots
+        self._locks: Mutexes | None = Mutexes(mm)
+        self._seed, self._n, self._ps, self._nslots = seed, npages, page_size, nslots
         self._max_used = max_used
         self._d0 = L.data_start(nslots)
-        self._locks = [threading.Lock() for _ in range(npages + 1)]  # [-1]: the spare's
 
     def close(self) -> None:
         """Forget the mapping (releasing the views that pin it)."""
         if self._w is not None:
             self._w.release()
-        self._mm = self._w = None
+        if self._locks is not None:
+            self._locks.close()
+        self._mm = self._w = self._locks = None
 
     def where(self, kb: bytes) -> tuple[int, int, int, int]:
         """(hash, first page, second page, first slot) of a key."""
@@ -106,7 +102,7 @@ class Pager:
         free = 0
         i = s0
         for _ in range(nslots):
-            so = base + (i << 3)
+            so = base + (i << L.SLOT_SHIFT)
             off = _u32_at(mm, so)[0]
             if off == L.SLOT_EMPTY:
                 return so, 0, free or so
@@ -118,7 +114,7 @@ class Pager:
                     return so, L.DAMAGED, free
                 eo = po + off
                 _, eh, vlen, ek, _, dead, _ = _entry_at(mm, eo)
-                if eh == h and ek == klen and mm[eo + 24:eo + 24 + klen] == kb:
+                if eh == h and ek == klen and mm[eo + L.ENTRY_SIZE:eo + L.ENTRY_SIZE + klen] == kb:
                     if dead or off + L.ENTRY_SIZE + klen + vlen > bump:
                         return so, L.DAMAGED, free
                     return so, eo, free
@@ -131,14 +127,14 @@ class Pager:
         """Is the key in the page at ``po``?  1 yes, 0 no, -1 could not tell
         (writers kept the page busy on every try).  Seqlock-validated."""
         assert self._w is not None
-        seq = self._w.u64
+        seq, at = self._w.u64, (po + L.OFF_SEQ) >> 3
         for _ in range(READ_TRIES):
             try:
-                s = seq[po >> 3]
+                s = seq[at]
                 if s & 1:
                     continue
                 eo = self.find(po, kb, h, s0)[1]
-                if eo != L.DAMAGED and seq[po >> 3] == s:
+                if eo != L.DAMAGED and seq[at] == s:
                     return int(eo != 0)
             except TORN:
                 continue
@@ -173,34 +169,35 @@ class Pager:
         seq, u32 = w.u64, w.u32
         h, p1, p2, s0 = self.where(kb)
         po1, po2 = L.page_offset(self._ps, p1), L.page_offset(self._ps, p2)
+        at1, at2 = (po1 + L.OFF_SEQ) >> 3, (po2 + L.OFF_SEQ) >> 3
         klen = len(kb)
         for _ in range(READ_TRIES):
             try:
-                s1 = seq[po1 >> 3]
+                s1 = seq[at1]
                 if s1 & 1:
                     continue
                 so, eo, _ = self.find(po1, kb, h, s0)
-                po, s = po1, s1
+                at, s = at1, s1
                 if eo == L.DAMAGED:
                     continue
                 if not eo and p2 != p1:
-                    s2 = seq[po2 >> 3]
+                    s2 = seq[at2]
                     if s2 & 1:
                         continue
                     so, eo, _ = self.find(po2, kb, h, s0)
-                    po, s = po2, s2
+                    at, s = at2, s2
                     if eo == L.DAMAGED:
                         continue
-                    if not eo and seq[po1 >> 3] != s1:
+                    if not eo and seq[at1] != s1:
                         continue
                 if not eo:
-                    if seq[po >> 3] != s:
+                    if seq[at] != s:
                         continue
                     return None
                 exp, eh, vlen, ek, flags, _, crc = _entry_at(mm, eo)
-                start = eo + 24 + klen
+                start = eo + L.ENTRY_SIZE + klen
                 value = mm[start:start + vlen]
-                if len(value) != vlen or seq[po >> 3] != s:
+                if len(value) != vlen or seq[at] != s:
                     continue
             except TORN:
                 continue
@@ -228,57 +225,25 @@ class Pager:
             pos += e[1]
         return out, pos
 
-    def _flock(self, page: int, kind: int) -> bool:
-        arg = FLOCK.pack(kind, 0, L.page_offset(self._ps, page), 1, 0)
-        try:
-            fcntl.fcntl(self._fd, F_OFD_SETLK, arg)
-        except OSError as e:
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                return False
-            raise
-        return True
-
-    def lock(self, page: int, timeout: float) -> int:
-        """Lock a page (-1: the spare) against this process's threads, then against
-        other processes (an OFD lock on the page's byte).
-
-        0: locked and sound; 1: locked, but seq is odd (a writer died: repair
-        first); -1: timed out, nothing held.  Another process's OFD lock cannot
-        be waited on with a timeout, so that wait polls."""
-        tl = self._locks[page]
-        if not tl.acquire(True, timeout):
-            return -1
-        try:
-            if not self._flock(page, fcntl.F_WRLCK):
-                deadline = time.monotonic() + timeout
-                delay = 20e-6
-                while True:
-                    time.sleep(delay)
-                    if self._flock(page, fcntl.F_WRLCK):
-                        break
-                    if time.monotonic() > deadline:
-                        tl.release()
-                        return -1
-                    delay = min(delay * 2, 0.002)
-        except BaseException:
-            tl.release()
-            raise
-        if page < 0:
-            return 0
-        assert self._w is not None
-        return self._w.u64[L.page_offset(self._ps, page) >> 3] & 1
+    def lock(self, page: int, timeout: float) -> Locked:
+        """Lock a page (-1: the spare) against every thread of every process
+        (``_locks``); DIRTY when its seq is odd (a writer died: repair first)."""
+        assert self._locks is not None and self._w is not None
+        po = L.page_offset(self._ps, page)
+        state = self._locks.lock(po + L.OFF_LOCK, timeout)
+        if state or page < 0:
+            return state
+        return Locked.DIRTY if self._w.u64[(po + L.OFF_SEQ) >> 3] & 1 else Locked.SOUND
 
     def unlock(self, page: int) -> None:
-        """Release a page's locks."""
-        try:
-            self._flock(page, fcntl.F_UNLCK)
-        finally:
-            self._locks[page].release()
+        """Release a page's lock."""
+        assert self._locks is not None
+        self._locks.unlock(L.page_offset(self._ps, page) + L.OFF_LOCK)
 
     def bump(self, po: int) -> None:
         """seq += 1: odd before a page's first change, even after its last."""
         assert self._w is not None
-        self._w.u64[po >> 3] += 1
+        self._w.u64[(po + L.OFF_SEQ) >> 3] += 1
 
     def append(
         self, po: int, so: int, old_eo: int, kb: bytes, flags: int, h: int, vb: bytes,

@@ -7,41 +7,53 @@
  * entry is copied, so the copy is validated on every CPU architecture. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <pythread.h>
 #include <stdint.h>
 #include <string.h>
 #include <errno.h>
-#include <fcntl.h>
+#include <pthread.h>
 #include <time.h>
 #include <zlib.h>
 
+/* _layout's constants; LAYOUT (below) exports them and a test asserts they equal _layout's */
 #define HEADER_SIZE 4096
-#define PAGE_HDR_SIZE 64
+#define OFF_LOCK 0       /* the page's robust mutex (_locks) */
+#define LOCK_SIZE 64
+#define OFF_SEQ 64
+#define OFF_COUNTS 72    /* entries, used, bump, dead follow seq */
+#define OFF_ENTRIES 72
+#define OFF_USED 76
+#define OFF_BUMP 80
+#define OFF_DEADBYTES 84
+#define PAGE_HDR_SIZE 128
+#define SLOT_SHIFT 3
 #define ENTRY_SIZE 24
 #define ENTRY_CRC_SPAN 19
+#define OFF_E_HASH 8
+#define OFF_E_VLEN 12
+#define OFF_E_KLEN 16
+#define OFF_E_FLAGS 18
+#define OFF_DEAD 19
+#define OFF_E_CRC 20
 #define SLOT_EMPTY 0
 #define SLOT_TOMB 1
-#define FIB 0x9E3779B1u
-#define READ_TRIES 4
-#define OFF_COUNTS 8   /* _layout.OFF_COUNTS: entries, used, bump, dead follow seq */
-#define OFF_ENTRIES 8
-#define OFF_USED 12
-#define OFF_BUMP 16
-#define OFF_DEADBYTES 20
-#define OFF_DEAD 19
-#define DAMAGED (-1)   /* _layout.DAMAGED: the entry offset find() returns for a failed check */
-#ifndef F_OFD_SETLK
-#define F_OFD_SETLK 37
-#endif
+#define SLOT_TICK 4      /* a slot: entry offset, then the last-access tick */
+#define DAMAGED (-1)     /* the entry offset find() returns for a failed check */
+#define FIB 0x9E3779B1u  /* _pager.FIB */
+#define READ_TRIES 4     /* _pager.READ_TRIES */
+/* _locks.Locked */
+#define LOCK_SOUND 0
+#define LOCK_DIRTY 1
+#define LOCK_TIMEOUT 2
+#define LOCK_WEDGED 3
+
+_Static_assert(sizeof(pthread_mutex_t) <= LOCK_SIZE, "a page header has no room for this pthread_mutex_t");
 
 typedef struct {
     PyObject_HEAD
     Py_buffer view;      /* the writable mapping; held until close() */
     int have_view;
     uint32_t seed;
-    int fd;
     Py_ssize_t npages, page_size, nslots, max_used, d0;
-    PyThread_type_lock *locks;  /* one per page, [0] for the spare: threads of this process */
 } Pager;
 
 typedef struct {
@@ -63,12 +75,12 @@ static inline uint64_t load_seq(const char *p) {
 
 static inline void read_entry(const char *p, Entry *e) {
     memcpy(&e->expire_at, p, 8);
-    memcpy(&e->hash, p + 8, 4);
-    memcpy(&e->vlen, p + 12, 4);
-    memcpy(&e->klen, p + 16, 2);
-    e->flags = (uint8_t)p[18];
-    e->dead = (uint8_t)p[19];
-    memcpy(&e->crc, p + 20, 4);
+    memcpy(&e->hash, p + OFF_E_HASH, 4);
+    memcpy(&e->vlen, p + OFF_E_VLEN, 4);
+    memcpy(&e->klen, p + OFF_E_KLEN, 2);
+    e->flags = (uint8_t)p[OFF_E_FLAGS];
+    e->dead = (uint8_t)p[OFF_DEAD];
+    memcpy(&e->crc, p + OFF_E_CRC, 4);
 }
 
 /* a key's two candidate pages from its hash: _pager.pages_of */
@@ -113,7 +125,7 @@ static int probe(Pager *self, Py_ssize_t po, const char *k, Py_ssize_t klen, uin
     if (bump > self->page_size) bump = self->page_size;
     *so_out = 0; *eo_out = 0; *free_out = 0;
     for (Py_ssize_t step = 0; step < nslots; step++) {
-        Py_ssize_t so = base + (i << 3);
+        Py_ssize_t so = base + (i << SLOT_SHIFT);
         uint32_t off;
         memcpy(&off, buf + so, 4);
         if (off == SLOT_EMPTY) {
@@ -129,9 +141,9 @@ static int probe(Pager *self, Py_ssize_t po, const char *k, Py_ssize_t klen, uin
             }
             Py_ssize_t eo = po + off;
             uint32_t eh, ev; uint16_t ek;
-            memcpy(&eh, buf + eo + 8, 4);
-            memcpy(&ev, buf + eo + 12, 4);
-            memcpy(&ek, buf + eo + 16, 2);
+            memcpy(&eh, buf + eo + OFF_E_HASH, 4);
+            memcpy(&ev, buf + eo + OFF_E_VLEN, 4);
+            memcpy(&ek, buf + eo + OFF_E_KLEN, 2);
             if (eh == h && ek == klen && (Py_ssize_t)off + ENTRY_SIZE + klen <= bump
                 && memcmp(buf + eo + ENTRY_SIZE, k, (size_t)klen) == 0) {
                 *so_out = so; *free_out = fr;
@@ -204,11 +216,11 @@ static int holds(Pager *self, Py_ssize_t po, const char *k, Py_ssize_t klen, uin
     const char *buf = (const char *)self->view.buf;
     Py_ssize_t so, eo, fr;
     for (int attempt = 0; attempt < READ_TRIES; attempt++) {
-        uint64_t s = load_seq(buf + po);
+        uint64_t s = load_seq(buf + po + OFF_SEQ);
         if (s & 1) continue;
         if (probe(self, po, k, klen, h, s0, &so, &eo, &fr) < 0) continue;
         __atomic_thread_fence(__ATOMIC_ACQUIRE);
-        if (load_seq(buf + po) == s) return eo != 0;
+        if (load_seq(buf + po + OFF_SEQ) == s) return eo != 0;
     }
     return -1;
 }
@@ -256,21 +268,21 @@ static PyObject *Pager_read(Pager *self, PyObject *key) {
     Py_ssize_t po1 = page_off(self, p1), po2 = page_off(self, p2), ps = self->page_size;
     for (int attempt = 0; attempt < READ_TRIES; attempt++) {
         Py_ssize_t so, eo, fr, po;
-        uint64_t s1 = load_seq(buf + po1), s;
+        uint64_t s1 = load_seq(buf + po1 + OFF_SEQ), s;
         if (s1 & 1) continue;
         if (probe(self, po1, k, klen, h, s0, &so, &eo, &fr) < 0) continue;
         po = po1; s = s1;
         if (!eo && p2 != p1) {
-            uint64_t s2 = load_seq(buf + po2);
+            uint64_t s2 = load_seq(buf + po2 + OFF_SEQ);
             if (s2 & 1) continue;
             if (probe(self, po2, k, klen, h, s0, &so, &eo, &fr) < 0) continue;
             po = po2; s = s2;
             __atomic_thread_fence(__ATOMIC_ACQUIRE);
-            if (!eo && load_seq(buf + po1) != s1) continue;
+            if (!eo && load_seq(buf + po1 + OFF_SEQ) != s1) continue;
         }
         if (!eo) {
             __atomic_thread_fence(__ATOMIC_ACQUIRE);
-            if (load_seq(buf + po) != s) continue;
+            if (load_seq(buf + po + OFF_SEQ) != s) continue;
             Py_RETURN_NONE;
         }
         Entry e;
@@ -279,12 +291,12 @@ static PyObject *Pager_read(Pager *self, PyObject *key) {
         PyObject *value = PyBytes_FromStringAndSize(buf + eo + ENTRY_SIZE + klen, e.vlen);
         if (!value) return NULL;
         __atomic_thread_fence(__ATOMIC_ACQUIRE);  /* the copy is complete before seq is re-read */
-        if (load_seq(buf + po) != s) { Py_DECREF(value); continue; }
+        if (load_seq(buf + po + OFF_SEQ) != s) { Py_DECREF(value); continue; }
         /* checksum the validated copies, not the live mapping */
         char head[ENTRY_CRC_SPAN];
-        memcpy(head, &e.expire_at, 8); memcpy(head + 8, &e.hash, 4);
-        memcpy(head + 12, &e.vlen, 4); memcpy(head + 16, &e.klen, 2);
-        head[18] = (char)e.flags;
+        memcpy(head, &e.expire_at, 8); memcpy(head + OFF_E_HASH, &e.hash, 4);
+        memcpy(head + OFF_E_VLEN, &e.vlen, 4); memcpy(head + OFF_E_KLEN, &e.klen, 2);
+        head[OFF_E_FLAGS] = (char)e.flags;
         uLong crc = crc32(0L, (const Bytef *)head, ENTRY_CRC_SPAN);
         crc = crc32(crc, (const Bytef *)k, (uInt)klen);
         crc = crc32(crc, (const Bytef *)PyBytes_AS_STRING(value), (uInt)e.vlen);
@@ -295,31 +307,43 @@ static PyObject *Pager_read(Pager *self, PyObject *key) {
         if (e.expire_at != 0.0 && e.expire_at <= now) { Py_DECREF(value); Py_RETURN_NONE; }
         /* LRU hint, deliberately unlocked: it lives in the slot table (see _layout) */
         uint32_t t = tick(&ts), old;
-        memcpy(&old, buf + so + 4, 4);
-        if (old != t) __atomic_store_n((uint32_t *)(buf + so + 4), t, __ATOMIC_RELAXED);
+        memcpy(&old, buf + so + SLOT_TICK, 4);
+        if (old != t) __atomic_store_n((uint32_t *)(buf + so + SLOT_TICK), t, __ATOMIC_RELAXED);
         return value;
     }
     Py_RETURN_FALSE;
 }
 
 
-static int try_flock(Pager *self, Py_ssize_t page, short type) {
-    struct flock fl = {0};
-    fl.l_type = type; fl.l_whence = SEEK_SET; fl.l_start = page_off(self, page); fl.l_len = 1;
-    if (fcntl(self->fd, F_OFD_SETLK, &fl) == 0) return 0;
-    return (errno == EAGAIN || errno == EACCES) ? 1 : -1;
+static inline pthread_mutex_t *page_lock(Pager *self, Py_ssize_t page) {
+    return (pthread_mutex_t *)((char *)self->view.buf + page_off(self, page) + OFF_LOCK);
 }
 
-static double now_mono(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+/* Take a page's lock (page -1: the spare) within timeout seconds: the protocol
+ * of _locks, the same calls _locks.Mutexes makes through ctypes.  Returns a
+ * _locks.Locked value; the GIL is released only while waiting. */
+static int lock_page(Pager *self, Py_ssize_t page, double timeout) {
+    pthread_mutex_t *m = page_lock(self, page);
+    int r = pthread_mutex_trylock(m);
+    if (r == EBUSY) {
+        if (timeout <= 0) return LOCK_TIMEOUT;
+        struct timespec end;
+        clock_gettime(CLOCK_MONOTONIC, &end);
+        double whole = (double)(time_t)timeout;
+        end.tv_sec += (time_t)whole;
+        end.tv_nsec += (long)((timeout - whole) * 1e9);
+        if (end.tv_nsec >= 1000000000L) { end.tv_sec++; end.tv_nsec -= 1000000000L; }
+        Py_BEGIN_ALLOW_THREADS
+        r = pthread_mutex_clocklock(m, CLOCK_MONOTONIC, &end);
+        Py_END_ALLOW_THREADS
+        if (r == ETIMEDOUT) return LOCK_TIMEOUT;
+    }
+    if (r == EOWNERDEAD) r = pthread_mutex_consistent(m);  /* the page's seq says what its holder left */
+    if (r) return LOCK_WEDGED;  /* EINVAL, ENOTRECOVERABLE, EDEADLK: damaged (see _locks) */
+    if (page < 0) return LOCK_SOUND;
+    return (load_seq((const char *)self->view.buf + page_off(self, page) + OFF_SEQ) & 1) ? LOCK_DIRTY : LOCK_SOUND;
 }
 
-/* lock(page, timeout) -> 0 locked and sound, 1 locked but seq odd (repair first),
- * -1 timed out (nothing held).  Page -1 is the spare.  Takes this process's
- * thread lock, then the OFD lock on the page's byte; another process's OFD lock
- * cannot be waited on with a timeout, so that wait polls (GIL released). */
 static PyObject *Pager_lock(Pager *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "lock(page, timeout)");
@@ -333,48 +357,28 @@ static PyObject *Pager_lock(Pager *self, PyObject *const *args, Py_ssize_t nargs
         PyErr_SetString(PyExc_ValueError, "page out of range");
         return NULL;
     }
-    PyThread_type_lock lk = self->locks[page + 1];
-    if (!PyThread_acquire_lock(lk, NOWAIT_LOCK)) {
-        PyLockStatus got;
-        Py_BEGIN_ALLOW_THREADS
-        got = PyThread_acquire_lock_timed(lk, (PY_TIMEOUT_T)(timeout * 1e6), 0);
-        Py_END_ALLOW_THREADS
-        if (got != PY_LOCK_ACQUIRED) return PyLong_FromLong(-1);
+    return PyLong_FromLong(lock_page(self, page, timeout));
+}
+
+static int unlock_page(Pager *self, Py_ssize_t page) {
+    int r = pthread_mutex_unlock(page_lock(self, page));
+    if (r) {
+        errno = r;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
     }
-    int r = try_flock(self, page, F_WRLCK);
-    if (r > 0) {
-        double deadline = now_mono() + timeout;
-        long delay_ns = 20000;
-        Py_BEGIN_ALLOW_THREADS
-        while (r > 0 && now_mono() < deadline) {
-            struct timespec d = {0, delay_ns};
-            nanosleep(&d, NULL);
-            r = try_flock(self, page, F_WRLCK);
-            if (delay_ns < 2000000) delay_ns *= 2;
-        }
-        Py_END_ALLOW_THREADS
-    }
-    if (r != 0) {
-        int err = errno;
-        PyThread_release_lock(lk);
-        if (r > 0) return PyLong_FromLong(-1);
-        errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    if (page < 0) return PyLong_FromLong(0);
-    return PyLong_FromLong((long)(load_seq((const char *)self->view.buf + page_off(self, page)) & 1));
+    return 0;
 }
 
 static PyObject *Pager_unlock(Pager *self, PyObject *arg) {
     Py_ssize_t page = PyLong_AsSsize_t(arg);
     if (page == -1 && PyErr_Occurred()) return NULL;
+    if (check_open(self) < 0) return NULL;
     if (page < -1 || page >= self->npages) {
         PyErr_SetString(PyExc_ValueError, "page out of range");
         return NULL;
     }
-    int r = try_flock(self, page, F_UNLCK);
-    PyThread_release_lock(self->locks[page + 1]);
-    if (r != 0) return PyErr_SetFromErrno(PyExc_OSError);
+    if (unlock_page(self, page) < 0) return NULL;
     Py_RETURN_NONE;
 }
 
@@ -396,7 +400,7 @@ static PyObject *Pager_bump(Pager *self, PyObject *arg) {
         PyErr_SetString(PyExc_ValueError, "page offset out of range");
         return NULL;
     }
-    bump_seq((char *)self->view.buf + po);
+    bump_seq((char *)self->view.buf + po + OFF_SEQ);
     Py_RETURN_NONE;
 }
 
@@ -425,7 +429,7 @@ static PyObject *Pager_append(Pager *self, PyObject *const *args, Py_ssize_t nar
     Py_ssize_t klen = PyBytes_GET_SIZE(args[3]), vlen = PyBytes_GET_SIZE(args[6]);
     Py_ssize_t ps = self->page_size;
     if (po < HEADER_SIZE || po + ps > self->view.len || klen > 0xFFFF || vlen > 0xFFFFFFFFL
-        || (so && (so < po + PAGE_HDR_SIZE || so >= po + PAGE_HDR_SIZE + (self->nslots << 3)))
+        || (so && (so < po + PAGE_HDR_SIZE || so >= po + PAGE_HDR_SIZE + (self->nslots << SLOT_SHIFT)))
         || (old_eo && (old_eo < po || old_eo + ENTRY_SIZE > po + ps))) {
         PyErr_SetString(PyExc_ValueError, "append: offsets out of range");
         return NULL;
@@ -439,14 +443,14 @@ static PyObject *Pager_append(Pager *self, PyObject *const *args, Py_ssize_t nar
         Py_RETURN_FALSE;  /* no room, or a damaged bump: the caller rebuilds the page */
     memcpy(&cur, buf + so, 4);
     if (!old_eo && cur == SLOT_EMPTY && (Py_ssize_t)counts[1] >= self->max_used) Py_RETURN_FALSE;
-    if (bracket) bump_seq(page);
+    if (bracket) bump_seq(page + OFF_SEQ);
     char head[ENTRY_SIZE];
     uint16_t k16 = (uint16_t)klen; uint32_t v32 = (uint32_t)vlen; uint8_t f8 = (uint8_t)flags, zero = 0;
-    memcpy(head, &exp, 8); memcpy(head + 8, &h, 4); memcpy(head + 12, &v32, 4);
-    memcpy(head + 16, &k16, 2); head[18] = (char)f8; head[19] = (char)zero;
+    memcpy(head, &exp, 8); memcpy(head + OFF_E_HASH, &h, 4); memcpy(head + OFF_E_VLEN, &v32, 4);
+    memcpy(head + OFF_E_KLEN, &k16, 2); head[OFF_E_FLAGS] = (char)f8; head[OFF_DEAD] = (char)zero;
     uint32_t crc = (uint32_t)crc32(crc32(crc32(0L, (const Bytef *)head, ENTRY_CRC_SPAN),
                                          (const Bytef *)k, (uInt)klen), (const Bytef *)v, (uInt)vlen);
-    memcpy(head + 20, &crc, 4);
+    memcpy(head + OFF_E_CRC, &crc, 4);
     char *e = page + counts[2];
     memcpy(e, head, ENTRY_SIZE);
     memcpy(e + ENTRY_SIZE, k, (size_t)klen);
@@ -457,18 +461,18 @@ static PyObject *Pager_append(Pager *self, PyObject *const *args, Py_ssize_t nar
     __atomic_store_n((uint32_t *)(page + OFF_BUMP), at + (uint32_t)span, __ATOMIC_RELEASE);
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
-    store32(buf + so + 4, tick(&ts));
+    store32(buf + so + SLOT_TICK, tick(&ts));
     __atomic_store_n((uint32_t *)(buf + so), at, __ATOMIC_RELEASE);
     if (old_eo) {
         __atomic_store_n(buf + old_eo + OFF_DEAD, (char)1, __ATOMIC_RELEASE);
         uint32_t ov; uint16_t ok;
-        memcpy(&ov, buf + old_eo + 12, 4); memcpy(&ok, buf + old_eo + 16, 2);
+        memcpy(&ov, buf + old_eo + OFF_E_VLEN, 4); memcpy(&ok, buf + old_eo + OFF_E_KLEN, 2);
         store32(page + OFF_DEADBYTES, counts[3] + (uint32_t)((ENTRY_SIZE + ok + ov + 7) & ~7u));
     } else {
         if (cur == SLOT_EMPTY) store32(page + OFF_USED, counts[1] + 1);
         store32(page + OFF_ENTRIES, counts[0] + 1);
     }
-    if (bracket) bump_seq(page);
+    if (bracket) bump_seq(page + OFF_SEQ);
     Py_RETURN_TRUE;
 }
 
@@ -522,18 +526,10 @@ static PyObject *Pager_close(Pager *self, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
-static void free_locks(Pager *self) {
-    if (!self->locks) return;
-    for (Py_ssize_t i = 0; i <= self->npages; i++)
-        if (self->locks[i]) PyThread_free_lock(self->locks[i]);
-    PyMem_Free(self->locks);
-    self->locks = NULL;
-}
-
 static int Pager_init(Pager *self, PyObject *args, PyObject *kw) {
-    PyObject *mm; unsigned long seed; int fd; Py_ssize_t npages, page_size, nslots, max_used;
-    static char *kwlist[] = {"mm", "fd", "seed", "npages", "page_size", "nslots", "max_used", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "Oiknnnn", kwlist, &mm, &fd, &seed, &npages,
+    PyObject *mm; unsigned long seed; Py_ssize_t npages, page_size, nslots, max_used;
+    static char *kwlist[] = {"mm", "seed", "npages", "page_size", "nslots", "max_used", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "Oknnnn", kwlist, &mm, &seed, &npages,
                                      &page_size, &nslots, &max_used))
         return -1;
     if (npages < 1 || nslots < 1 || page_size < 4096 || max_used < 1 || max_used >= nslots) {
@@ -541,7 +537,6 @@ static int Pager_init(Pager *self, PyObject *args, PyObject *kw) {
         return -1;
     }
     Pager_close(self, NULL);
-    free_locks(self);
     self->npages = npages;
     if (PyObject_GetBuffer(mm, &self->view, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0) return -1;
     self->have_view = 1;
@@ -550,30 +545,15 @@ static int Pager_init(Pager *self, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_ValueError, "mapping smaller than its geometry");
         return -1;
     }
-    self->locks = PyMem_Calloc((size_t)npages + 1, sizeof(PyThread_type_lock));
-    if (!self->locks) {
-        Pager_close(self, NULL);
-        PyErr_NoMemory();
-        return -1;
-    }
-    for (Py_ssize_t i = 0; i <= npages; i++) {
-        if (!(self->locks[i] = PyThread_allocate_lock())) {
-            Pager_close(self, NULL);
-            PyErr_NoMemory();
-            return -1;
-        }
-    }
     self->seed = (uint32_t)seed;
-    self->fd = fd;
     self->npages = npages; self->page_size = page_size; self->nslots = nslots;
     self->max_used = max_used;
-    self->d0 = PAGE_HDR_SIZE + nslots * 8;
+    self->d0 = PAGE_HDR_SIZE + (nslots << SLOT_SHIFT);
     return 0;
 }
 
 static void Pager_dealloc(Pager *self) {
     Pager_close(self, NULL);
-    free_locks(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -585,7 +565,7 @@ static PyMethodDef Pager_methods[] = {
     {"locate", (PyCFunction)Pager_locate, METH_O, "locate(key) -> (hash, p1, p2, s0, page | -1 none | -2 unknown, roomier page)"},
     {"read", (PyCFunction)Pager_read, METH_O, "read(key) -> value bytes | None (absent or expired) | False (contended)"},
     {"lock", (PyCFunction)(void (*)(void))Pager_lock, METH_FASTCALL,
-     "lock(page, timeout) -> 0 | 1 (locked, seq odd: repair) | -1 (timed out)"},
+     "lock(page, timeout) -> a _locks.Locked value (SOUND, DIRTY: repair first, TIMEOUT, WEDGED)"},
     {"unlock", (PyCFunction)Pager_unlock, METH_O, "unlock(page)"},
     {"bump", (PyCFunction)Pager_bump, METH_O, "bump(page_offset): seq += 1 (odd: begin, even: end)"},
     {"append", (PyCFunction)(void (*)(void))Pager_append, METH_FASTCALL,
@@ -624,13 +604,23 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     }
     /* the constants this file compiles in, for a test that they equal _layout's */
     PyObject *layout = Py_BuildValue(
-        "{sisisisisisisisisisisisisisi}", "HEADER_SIZE", HEADER_SIZE, "PAGE_HDR_SIZE", PAGE_HDR_SIZE,
-        "ENTRY_SIZE", ENTRY_SIZE, "ENTRY_CRC_SPAN", ENTRY_CRC_SPAN, "SLOT_EMPTY", SLOT_EMPTY,
-        "SLOT_TOMB", SLOT_TOMB, "OFF_COUNTS", OFF_COUNTS, "OFF_ENTRIES", OFF_ENTRIES,
-        "OFF_USED", OFF_USED, "OFF_BUMP", OFF_BUMP, "OFF_DEADBYTES", OFF_DEADBYTES,
-        "OFF_DEAD", OFF_DEAD, "DAMAGED", DAMAGED, "TICKS_PER_SECOND", 16);
+        "{sisisisisisisisisisisisisisisisisisisisisisisi}",
+        "HEADER_SIZE", HEADER_SIZE, "OFF_LOCK", OFF_LOCK, "LOCK_SIZE", LOCK_SIZE, "OFF_SEQ", OFF_SEQ,
+        "OFF_COUNTS", OFF_COUNTS, "OFF_ENTRIES", OFF_ENTRIES, "OFF_USED", OFF_USED, "OFF_BUMP", OFF_BUMP,
+        "OFF_DEADBYTES", OFF_DEADBYTES, "PAGE_HDR_SIZE", PAGE_HDR_SIZE, "SLOT_SHIFT", SLOT_SHIFT,
+        "ENTRY_SIZE", ENTRY_SIZE, "ENTRY_CRC_SPAN", ENTRY_CRC_SPAN, "OFF_E_HASH", OFF_E_HASH,
+        "OFF_E_VLEN", OFF_E_VLEN, "OFF_E_KLEN", OFF_E_KLEN, "OFF_E_FLAGS", OFF_E_FLAGS,
+        "OFF_DEAD", OFF_DEAD, "OFF_E_CRC", OFF_E_CRC, "SLOT_EMPTY", SLOT_EMPTY, "SLOT_TOMB", SLOT_TOMB,
+        "DAMAGED", DAMAGED, "TICKS_PER_SECOND", 16);
     if (!layout || PyModule_AddObject(m, "LAYOUT", layout) < 0) {
         Py_XDECREF(layout);
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyObject *locked = Py_BuildValue("{sisisisi}", "SOUND", LOCK_SOUND, "DIRTY", LOCK_DIRTY,
+                                     "TIMEOUT", LOCK_TIMEOUT, "WEDGED", LOCK_WEDGED);
+    if (!locked || PyModule_AddObject(m, "LOCKED", locked) < 0) {
+        Py_XDECREF(locked);
         Py_DECREF(m);
         return NULL;
     }

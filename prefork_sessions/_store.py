@@ -1,9 +1,9 @@
 """MmapStore: a key-value store in one memory-mapped file shared by processes and threads.
 
 The file format and its invariants are described in ``_layout``.  This module
-holds the mechanisms: placement (two candidate pages per key), locking (a
-per-page ``threading.Lock`` plus an open-file-description lock on one byte of
-the page), lock-free reads (seqlock validation), fork handling, and one page
+holds the mechanisms: placement (two candidate pages per key), locking (the
+robust mutex in each page's header, ``_locks``), lock-free reads (seqlock
+validation), fork handling, and one page
 rewrite through the spare (``_rebuild``) that serves eviction, compaction and
 repair after a crashed writer or damage.
 """
@@ -31,6 +31,7 @@ from ._errors import (
     ValueTooLargeError,
 )
 from ._file import open_or_create
+from ._locks import HOLDER_CHECK_AFTER, Locked, holder_alive, reset
 from ._pager import FastPager, pages_of, whole_entry
 from ._serializers import CallbackThreads, Codec
 
@@ -163,7 +164,7 @@ class MmapStore:
             raise
         self._max_used = int(geo.slots * L.MAX_LOAD)
         self._w = L.Words(mm)
-        self._pager = FastPager(mm, fd, geo.seed, geo.num_pages, geo.page_size, geo.slots, self._max_used)
+        self._pager = FastPager(mm, geo.seed, geo.num_pages, geo.page_size, geo.slots, self._max_used)
         self.page_size, self.num_pages = geo.page_size, geo.num_pages
         self._seed, self._nslots = geo.seed, geo.slots
         self._d0 = L.data_start(geo.slots)
@@ -268,11 +269,32 @@ class MmapStore:
             "or raise lock_timeout."
         )
 
+    def _take(self, page: int, timeout: float) -> Locked:
+        """The pager's lock within ``timeout``; a damaged lock (refused, or held by no
+        live user of the file once the wait passes HOLDER_CHECK_AFTER) is reset
+        and taken again (``_locks``)."""
+        deadline = time.monotonic() + timeout
+        state = self._pager.lock(page, min(timeout, HOLDER_CHECK_AFTER))
+        looked = False
+        while state == Locked.WEDGED or state == Locked.TIMEOUT and timeout > HOLDER_CHECK_AFTER:
+            mm, at = self._mm, L.page_offset(self.page_size, page) + L.OFF_LOCK
+            assert mm is not None
+            word = _u32_at(mm, at)[0]  # 0: released meanwhile
+            if state == Locked.WEDGED or not looked and word and not holder_alive(word, os.fstat(self._fd)):
+                reset(mm, self._fd, at)
+            looked = True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return Locked.TIMEOUT
+            state = self._pager.lock(page, left)
+            timeout = 0.0  # from here a TIMEOUT is final
+        return state
+
     def _lock(self, page: int) -> None:
         """Lock a page (or the spare, page -1) against threads and processes; repair if needed."""
-        state = self._pager.lock(page, self._lock_timeout)
+        state = self._take(page, self._lock_timeout)
         if state:
-            if state < 0:
+            if state == Locked.TIMEOUT:
                 raise self._timeout(page)
             try:
                 self._rebuild(page, L.page_offset(self.page_size, page))
@@ -496,8 +518,8 @@ class MmapStore:
         if p2 > p1:
             self._lock(p2)
             return True
-        state = self._pager.lock(p2, 0.0)
-        if state < 0:
+        state = self._take(p2, 0.0)
+        if state == Locked.TIMEOUT:
             return False
         if state:
             try:
@@ -594,7 +616,7 @@ class MmapStore:
         assert mm is not None
         ps, base = self.page_size, po + L.PAGE_HDR_SIZE
         problems: list[str] = []
-        table = array("I", mm[base:base + (self._nslots << 3)])  # (offset, tick) pairs; little-endian host (L.Words)
+        table = array("I", mm[base:base + (self._nslots << L.SLOT_SHIFT)])  # (offset, tick) pairs; little-endian host (L.Words)
         offs = table[0::2]
         tombs = offs.count(L.SLOT_TOMB)
         atimes = {off: atime for off, atime in zip(offs, table[1::2]) if off > L.SLOT_TOMB}
@@ -645,9 +667,9 @@ class MmapStore:
 
         def place(h: int, atime: int) -> None:
             i = (h // n) % nslots
-            while _u32_at(img, base + (i << 3))[0]:
+            while _u32_at(img, base + (i << L.SLOT_SHIFT))[0]:
                 i = (i + 1) % nslots
-            L.SLOT.pack_into(img, base + (i << 3), pos, atime)
+            L.SLOT.pack_into(img, base + (i << L.SLOT_SHIFT), pos, atime)
 
         for e in keep:
             img[pos:pos + e.span] = mm[po + e.off:po + e.off + e.span]
@@ -660,8 +682,8 @@ class MmapStore:
             place(h, now)
             pos += len(raw)
             count += 1
-        _, _, _, _, _, ev, ex, rec = L.PAGE_HDR.unpack_from(mm, po)
-        L.PAGE_HDR.pack_into(img, 0, 0, count, count, pos, 0, ev + evicted, ex + expired, rec + recovered)
+        _, _, _, _, _, ev, ex, rec = L.PAGE_HDR.unpack_from(mm, po + L.OFF_SEQ)
+        L.PAGE_HDR.pack_into(img, L.OFF_SEQ, 0, count, count, pos, 0, ev + evicted, ex + expired, rec + recovered)
         return img, pos
 
     def _install(self, page: int, po: int, img: bytearray, end: int) -> None:
@@ -696,7 +718,7 @@ class MmapStore:
         if state == L.SPARE_VALID and target < self.num_pages and L.OFF_COUNTS < end <= ps and not end & 7:
             spare, po = L.page_offset(ps, L.SPARE_LOCK), L.page_offset(ps, target)
             image = mm[spare + L.OFF_COUNTS:spare + end]
-            if self._w.u64[po >> 3] & 1 and crc32(image) == want:
+            if self._w.u64[(po + L.OFF_SEQ) >> 3] & 1 and crc32(image) == want:
                 mm[po + L.OFF_COUNTS:po + end] = image
                 mm[po + end:po + ps] = bytes(ps - end)
         u32[L.SPARE_STATE_OFF >> 2] = L.SPARE_EMPTY
@@ -732,7 +754,7 @@ class MmapStore:
                     gone.add(e.off)
                     used -= e.span
                 keep = [e for e in keep if e.off not in gone]
-            odd = self._w.u64[po >> 3] & 1
+            odd = self._w.u64[(po + L.OFF_SEQ) >> 3] & 1
             recovered = int(new is None or bool(problems))
             img, end = self._image(po, keep, atimes, new[1:] if new else None, len(gone), expired, recovered)
             if not odd:
@@ -755,7 +777,7 @@ class MmapStore:
             out: list[tuple[int, _Entry]] = []
             keys: set[bytes] = set()
             for i in range(self._nslots):
-                so = base + (i << 3)
+                so = base + (i << L.SLOT_SHIFT)
                 off = _u32_at(mm, so)[0]
                 if off > L.SLOT_TOMB:
                     e = self._parse(page, po, off, bump, False)
@@ -837,7 +859,7 @@ class MmapStore:
         mm = self._mm or self._revive()
         entries = used = evictions = expirations = recoveries = 0
         for page in range(self.num_pages):
-            _, ne, _, bump, dead, ev, ex, rec = L.PAGE_HDR.unpack_from(mm, L.page_offset(self.page_size, page))
+            _, ne, _, bump, dead, ev, ex, rec = L.PAGE_HDR.unpack_from(mm, L.page_offset(self.page_size, page) + L.OFF_SEQ)
             entries += ne
             used += bump - self._d0 - dead
             evictions += ev

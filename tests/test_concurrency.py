@@ -17,6 +17,7 @@ import pytest
 from _procs import fork, wait_ok
 
 from prefork_sessions import LockTimeoutError, MmapStore
+from prefork_sessions import _layout as L
 
 INCREMENTS = 2000
 
@@ -261,7 +262,7 @@ def test_writer_killed_mid_compaction_page_is_restored_from_the_spare(tmp_path: 
                 text = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
                 if event == "line" and "= body" in text and "spare" not in text:  # the copy over the page
                     po = frame.f_locals["po"]
-                    store._mm[po + 8:po + 3000] = b"\xee" * 2992  # type: ignore[index]
+                    store._mm[po + L.OFF_COUNTS:po + 3000] = b"\xee" * (3000 - L.OFF_COUNTS)  # type: ignore[index]
                     os.kill(os.getpid(), signal.SIGKILL)
                 return line
 

@@ -122,9 +122,9 @@ def _append_dead_writer(store: MmapStore) -> None:
     _fill(store, 8)
     with open(store.path, "r+b") as f:
         po = L.page_offset(PAGE, 0)
-        f.seek(po)
+        f.seek(po + L.OFF_SEQ)
         seq = L.SEQ.unpack(f.read(8))[0]
-        f.seek(po)
+        f.seek(po + L.OFF_SEQ)
         f.write(L.SEQ.pack(seq | 1))
 
 

@@ -61,8 +61,8 @@ def test_repair_does_not_trust_zeroed_counts(make_store: Make) -> None:
     for k, v in values.items():
         store.set(k, v)
     po = L.page_offset(PAGE, 0)
-    seq = L.SEQ.unpack(_read(store.path, po, 8))[0]
-    _patch(store.path, po, L.SEQ.pack(seq + 1) + bytes(L.COUNTS.size))
+    seq = L.SEQ.unpack(_read(store.path, po + L.OFF_SEQ, L.SEQ.size))[0]
+    _patch(store.path, po + L.OFF_SEQ, L.SEQ.pack(seq + 1) + bytes(L.COUNTS.size))
     store.set("other", b"x")  # locks the page: repair
     assert {k: store.get(k) for k in values} == values
     assert store.stats()["recovered_pages"] == 1
@@ -233,8 +233,10 @@ def test_both_pagers_read_damaged_pages_alike(tmp_path: Path) -> None:
     import mmap as mmap_mod
 
     from prefork_sessions import _pager, _speedups
+    from prefork_sessions._locks import Locked
 
     assert _speedups.LAYOUT == {name: getattr(L, name) for name in _speedups.LAYOUT}  # one definition
+    assert _speedups.LOCKED == {state.name: state.value for state in Locked}
     rnd = random.Random(5)
     path = tmp_path / "s"
     store = MmapStore(path, page_size=PAGE, cache_size=PAGE * 4, serializer="raw")
@@ -251,7 +253,7 @@ def test_both_pagers_read_damaged_pages_alike(tmp_path: Path) -> None:
         path.write_bytes(bytes(data))
         with open(path, "r+b") as f:
             mm = mmap_mod.mmap(f.fileno(), 0)
-            c, py = _speedups.Pager(mm, f.fileno(), *geo), _pager.Pager(mm, f.fileno(), *geo)
+            c, py = _speedups.Pager(mm, *geo), _pager.Pager(mm, *geo)
             try:
                 for page in range(4):
                     po = L.page_offset(PAGE, page)
