@@ -987,21 +987,21 @@ def run(cfg: Config, ns: argparse.Namespace, tmp: str, deadline: float) -> int:
     retention: dict[str, Any] = {}
     accelerated: list[bool] = []
     errors: list[str] = []
-    failed: set[str] = set()
+    failed: set[tuple[str, str]] = set()  # (label, phase): not run again
 
     def log(*a: object) -> None:
         if not ns.json:
             print(*a, file=sys.stderr, flush=True)
 
     def attempt(v: Variant, phase: str, env: dict[str, str] | None) -> dict[str, Any] | None:
-        if v.label in failed:
+        if (v.label, phase) in failed:
             return None
         try:
             out = run_worker(worker_cmd(v, wdir, phase, tmp), deadline, env)
         except Exception as e:  # one store failing must not cost the others' figures
             if isinstance(e, Overtime):
                 raise
-            failed.add(v.label)
+            failed.add((v.label, phase))
             errors.append(f"{v.label} ({phase}): {type(e).__name__}: {e}")
             log(f"  {v.label} failed: {e}")
             return None
@@ -1032,7 +1032,9 @@ def run(cfg: Config, ns: argparse.Namespace, tmp: str, deadline: float) -> int:
                 out = attempt(v, "retention", env)
                 if out is not None:
                     retention[v.label] = {f"{float(f):.2f}": r for f, r in out["retention"].items()}
-    rounds = {lb: rs for lb, rs in rounds.items() if lb not in failed}
+    # A store whose ops failed in some round has no figures: a median of the rounds
+    # that happened to work would hide the failure.
+    rounds = {lb: rs for lb, rs in rounds.items() if (lb, "ops") not in failed}
     summary = summarise(rounds)
     ratios = ratios_of(summary, plan)
     failures = count_failures(rounds)

@@ -166,3 +166,22 @@ def test_opt_in_peers_diskcache_and_redis() -> None:
     assert p.returncode == 0, p.stdout + p.stderr
     assert_figures(p.stdout, ["diskcache (raw)", "redis (raw)"], RAW_ROWS)
     assert "contended 800 of 800 for diskcache (raw), redis (raw)" in p.stdout, p.stdout
+
+
+def test_a_failed_retention_run_keeps_the_ops_figures(monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    bench = load_bench()
+    real = bench.run_worker
+
+    def failing_retention(cmd: list[str], deadline: float, env: dict[str, str] | None = None) -> Any:
+        if "retention" in cmd:
+            raise RuntimeError("injected")
+        return real(cmd, deadline, env)
+
+    monkeypatch.setattr(bench, "run_worker", failing_retention)
+    monkeypatch.setattr(bench.signal, "signal", lambda *a: None)  # main() would take pytest's SIGTERM
+    code = bench.main(["--quick", "--only", "mmapstore", "--json", "--keys", "100"])
+    r = json.loads(capsys.readouterr().out)
+    assert code == 1
+    assert r["errors"] == ["MmapStore (raw) (retention): RuntimeError: injected"]
+    assert set(r["summary"]) == {"MmapStore (raw)", "MmapStore (json)"} and r["retention"] == {}
