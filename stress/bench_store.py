@@ -977,7 +977,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(cfg: Config, ns: argparse.Namespace, tmp: str, deadline: float) -> int:
-    m = machine(tmp)
+    m = machine(os.path.dirname(tmp))  # where every store's files go
     load_start = os.getloadavg()
     wdir = os.path.join(tmp, "workload")
     os.mkdir(wdir)
