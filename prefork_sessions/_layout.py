@@ -230,3 +230,41 @@ class Words:
     def release(self) -> None:
         self.u32.release()
         self.u64.release()
+
+
+FIB = 0x9E3779B1  # Fibonacci hashing multiplier: spreads the second page choice
+_entry_at = ENTRY.unpack_from
+
+
+def pages_of(h: int, n: int) -> tuple[int, int]:
+    """A key's two candidate pages from its hash (the same page twice only if n == 1)."""
+    p1 = h % n
+    p2 = ((h * FIB) & 0xFFFFFFFF) * n >> 32
+    if p2 == p1 and n > 1:
+        p2 = (p1 + 1) % n
+    return p1, p2
+
+
+EntryFields = tuple[int, int, int, bytes, int, int, float, int]
+"""(offset in page, span, value length, key, hash, flags, expire_at, dead)"""
+
+
+def whole_entry(
+    mm: mmap.mmap, po: int, off: int, d0: int, limit: int, seed: int, npages: int, page: int, crc: bool
+) -> EntryFields | None:
+    """The fields of the entry at ``off`` in the page at ``po`` if it is whole: aligned,
+    inside ``[d0, limit)``, its checksum valid (when ``crc``), its key hashing to
+    ``page``.  None otherwise."""
+    if off < d0 or off & 7 or off + ENTRY_SIZE > limit:
+        return None
+    eo = po + off
+    exp, h, vlen, klen, flags, dead, want = _entry_at(mm, eo)
+    span = entry_span(klen, vlen)
+    if off + span > limit:
+        return None
+    kb = mm[eo + ENTRY_SIZE:eo + ENTRY_SIZE + klen]
+    if crc and crc32(mm[eo + ENTRY_SIZE:eo + ENTRY_SIZE + klen + vlen], crc32(mm[eo:eo + ENTRY_CRC_SPAN])) != want:
+        return None
+    if h != crc32(kb, seed) or page not in pages_of(h, npages):
+        return None
+    return off, span, vlen, kb, h, flags, exp, dead

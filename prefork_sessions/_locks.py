@@ -22,8 +22,9 @@ is refused on open.
   the page's ``seq`` exactly as before (odd: repair the page; ``_layout``
   invariant 1).  A kill anywhere, even between the two steps, leaves a lock
   that the next locker takes.
-* A damaged lock (bytes changed from outside, not by a holder): the mutex call
-  refuses it (``WEDGED``), or it stays busy with a holder that cannot be one, a
+* A damaged lock (bytes changed from outside, not by a holder): its type word
+  differs from the template's (``fixed_words``) or the mutex call refuses it
+  (``WEDGED``), or it stays busy with a holder that cannot be one, a
   thread id that does not exist or a process that does not map the file
   (``holder_alive``, looked at once a wait passes ``HOLDER_CHECK_AFTER``).
   ``reset()`` rewrites it from the template, serialised among resetters by an
@@ -139,6 +140,15 @@ def template() -> bytes:
     return mutex.raw
 
 
+@functools.cache
+def fixed_words() -> tuple[tuple[int, int], ...]:
+    """(index, value) of the 32-bit words of an unlocked mutex that locking never
+    changes: those the template has nonzero (the mutex's type: glibc's ``__kind``).
+    A lock whose fixed words differ was damaged; both pagers check them first."""
+    words = memoryview(template()).cast("I")
+    return tuple((i, w) for i, w in enumerate(words) if w)
+
+
 def holder_alive(word: int, st: os.stat_result) -> bool:
     """Could the thread that ``word`` (a lock word read just now) names hold it?
     Only a live thread that maps this file (``st``: its fstat) can: a thread id
@@ -181,6 +191,14 @@ def reset(mm: mmap.mmap, fd: int, off: int) -> None:
             fcntl.fcntl(fd, _F_OFD_SETLKW, _FLOCK.pack(fcntl.F_UNLCK, 0, off, 1, 0))
 
 
+def recover(mm: mmap.mmap, fd: int, off: int, wedged: bool) -> None:
+    """A pager's call when the lock at ``off`` was refused (``wedged``) or stayed busy
+    past HOLDER_CHECK_AFTER: reset it unless a live user of the file holds it."""
+    word = L.U32.unpack_from(mm, off)[0]  # 0: released meanwhile
+    if wedged or word and not holder_alive(word, os.fstat(fd)):
+        reset(mm, fd, off)
+
+
 def _works(mm: mmap.mmap, off: int) -> bool:
     """Does the mutex at ``off`` still work?  Try to take and give it back."""
     with Mutexes(mm) as m:
@@ -209,6 +227,7 @@ class Mutexes:
         self._pin: ctypes.c_char | None = ctypes.c_char.from_buffer(mm)  # pins the mapping: close() first
         self._base = ctypes.addressof(self._pin)
         self._u32 = memoryview(mm).cast("I")
+        self._fixed = fixed_words()
 
     def close(self) -> None:
         self._u32.release()
@@ -222,7 +241,10 @@ class Mutexes:
 
     def lock(self, off: int, timeout: float) -> Locked:
         """Take the lock at ``off``: SOUND, TIMEOUT or WEDGED (seq is the caller's)."""
-        libc, at = self._libc, self._base + off
+        libc, at, u32 = self._libc, self._base + off, self._u32
+        for i, want in self._fixed:
+            if u32[(off >> 2) + i] != want:
+                return Locked.WEDGED  # its type changed: the calls would misread it
         r = libc.pthread_mutex_trylock(at)
         if r == errno.EBUSY:
             if timeout <= 0:
@@ -238,9 +260,9 @@ class Mutexes:
         return Locked.SOUND if r == 0 else Locked.WEDGED
 
     def unlock(self, off: int) -> None:
-        r = self._libc.pthread_mutex_unlock(self._base + off)
-        if r:
-            raise OSError(r, f"prefork_sessions: unlocking a page lock failed: {os.strerror(r)}")
+        """Give the lock back.  A refusal (EPERM: not held by this thread) means its
+        bytes were changed while held; the next locker finds it WEDGED and resets it."""
+        self._libc.pthread_mutex_unlock(self._base + off)
 
 
-__all__ = ["HOLDER_CHECK_AFTER", "Locked", "Mutexes", "holder_alive", "protocol", "reset", "template"]
+__all__ = ["HOLDER_CHECK_AFTER", "Locked", "Mutexes", "holder_alive", "protocol", "recover", "reset", "template"]

@@ -1,8 +1,10 @@
-"""The store's hot path: hashing a key to its pages, probing a page, lock-free reads.
+"""The store's hot path: hashing a key to its pages, probing a page, lock-free
+reads, page locks, and the write path (insert, update, delete; making room,
+eviction, compaction and repair through ``_upkeep``).
 
-``Pager`` is the reference implementation; ``_speedups.Pager`` (C) implements the
-same interface and is used when it could be built.  Offsets are absolute offsets
-in the mapping.  See ``_layout`` for the format and the seqlock rules.
+``Pager`` is the reference implementation, written to be read beside ``_layout``;
+``_speedups.Pager`` (C) implements the same interface and algorithm and is used
+when it could be built.  Offsets are absolute offsets in the mapping.
 """
 
 from __future__ import annotations
@@ -12,64 +14,39 @@ import os
 import struct
 import time
 import warnings
+from collections.abc import Callable
 from typing import Literal
 from zlib import crc32
 
 from . import _layout as L
-from ._locks import Locked, Mutexes
+from ._layout import pages_of
+from ._locks import HOLDER_CHECK_AFTER, Locked, Mutexes
+from ._upkeep import Host, Upkeep
 
-FIB = 0x9E3779B1  # Fibonacci hashing multiplier: spreads the second page choice
 READ_TRIES = 4
+INSERT_BACKOFF = 50e-6  # seconds an insert waits before trying again when its second page stayed busy
+Update = Callable[[bytes | None], bytes]
 
 _u32_at = L.U32.unpack_from
 _entry_at = L.ENTRY.unpack_from
 TORN = (struct.error, IndexError, ValueError, OverflowError)  # what a torn read can raise
 
 
-def pages_of(h: int, n: int) -> tuple[int, int]:
-    """A key's two candidate pages from its hash (the same page twice only if n == 1)."""
-    p1 = h % n
-    p2 = ((h * FIB) & 0xFFFFFFFF) * n >> 32
-    if p2 == p1 and n > 1:
-        p2 = (p1 + 1) % n
-    return p1, p2
-
-
-EntryFields = tuple[int, int, int, bytes, int, int, float, int]
-"""(offset in page, span, value length, key, hash, flags, expire_at, dead)"""
-
-
-def whole_entry(
-    mm: mmap.mmap, po: int, off: int, d0: int, limit: int, seed: int, npages: int, page: int, crc: bool
-) -> EntryFields | None:
-    """The fields of the entry at ``off`` in the page at ``po`` if it is whole: aligned,
-    inside ``[d0, limit)``, its checksum valid (when ``crc``), its key hashing to
-    ``page``.  None otherwise."""
-    if off < d0 or off & 7 or off + L.ENTRY_SIZE > limit:
-        return None
-    eo = po + off
-    exp, h, vlen, klen, flags, dead, want = _entry_at(mm, eo)
-    span = L.entry_span(klen, vlen)
-    if off + span > limit:
-        return None
-    kb = mm[eo + L.ENTRY_SIZE:eo + L.ENTRY_SIZE + klen]
-    if crc and crc32(mm[eo + L.ENTRY_SIZE:eo + L.ENTRY_SIZE + klen + vlen], crc32(mm[eo:eo + L.ENTRY_CRC_SPAN])) != want:
-        return None
-    if h != crc32(kb, seed) or page not in pages_of(h, npages):
-        return None
-    return off, span, vlen, kb, h, flags, exp, dead
-
-
 class Pager:
     """Hot-path access to a mapped store file of a given geometry."""
 
-    def __init__(self, mm: mmap.mmap, seed: int, npages: int, page_size: int, nslots: int, max_used: int) -> None:
+    def __init__(
+        self, mm: mmap.mmap, seed: int, npages: int, page_size: int, nslots: int, max_used: int,
+        host: Host, lock_timeout: float,
+    ) -> None:
         self._mm: mmap.mmap | None = mm
         self._w: L.Words | None = L.Words(mm)
         self._locks: Mutexes | None = Mutexes(mm)
         self._seed, self._n, self._ps, self._nslots = seed, npages, page_size, nslots
         self._max_used = max_used
         self._d0 = L.data_start(nslots)
+        self._host, self._timeout = host, lock_timeout
+        self._upkeep = Upkeep(self, host, mm, self._w, seed, npages, page_size, nslots, max_used)
 
     def close(self) -> None:
         """Forget the mapping (releasing the views that pin it)."""
@@ -140,26 +117,17 @@ class Pager:
                 continue
         return -1
 
-    def locate(self, kb: bytes) -> tuple[int, int, int, int, int, int]:
-        """(hash, p1, p2, first slot, page holding the key (-1: neither, -2: could
-        not tell), roomier page).  Lock-free and seqlock-validated.
-
-        The roomier page is where a new key goes (two-choice placement): the
-        second page only if it holds fewer live bytes by a margin of 1/32 page,
-        since an insert holds the first page's lock anyway and the second costs
-        another lock.  Simulated at 85% fill with 64 KiB pages, the margin keeps
-        99.98% of entries (99.999% without) and sends 30% of inserts (not 50%) to
-        the second page."""
+    def _roomier(self, p1: int, p2: int) -> int:
+        """Where a new key goes (two-choice placement): the second page only if it
+        holds fewer live bytes by a margin of 1/32 page, since an insert holds the
+        first page's lock anyway and the second costs another lock.  Simulated at
+        85% fill with 64 KiB pages, the margin keeps 99.98% of entries (99.999%
+        without) and sends 30% of inserts (not 50%) to the second page."""
         mm = self._mm
         assert mm is not None
-        h, p1, p2, s0 = self.where(kb)
-        po1, po2 = L.page_offset(self._ps, p1), L.page_offset(self._ps, p2)
-        in1 = self.holds(po1, kb, h, s0)
-        in2 = 0 if in1 == 1 or p2 == p1 else self.holds(po2, kb, h, s0)
-        page = p1 if in1 == 1 else p2 if in2 == 1 else -2 if min(in1, in2) < 0 else -1
-        _, _, b1, d1 = L.COUNTS.unpack_from(mm, po1 + L.OFF_COUNTS)
-        _, _, b2, d2 = L.COUNTS.unpack_from(mm, po2 + L.OFF_COUNTS)
-        return h, p1, p2, s0, page, p2 if b2 - d2 + (self._ps >> 5) < b1 - d1 else p1
+        _, _, b1, d1 = L.COUNTS.unpack_from(mm, L.page_offset(self._ps, p1) + L.OFF_COUNTS)
+        _, _, b2, d2 = L.COUNTS.unpack_from(mm, L.page_offset(self._ps, p2) + L.OFF_COUNTS)
+        return p2 if b2 - d2 + (self._ps >> 5) < b1 - d1 else p1
 
     def read(self, kb: bytes) -> bytes | None | Literal[False]:
         """Lock-free read: the raw value, None (absent or expired), or False
@@ -212,7 +180,7 @@ class Pager:
             return value
         return False
 
-    def walk(self, po: int, page: int) -> tuple[list[EntryFields], int]:
+    def walk(self, po: int, page: int) -> tuple[list[L.EntryFields], int]:
         """The whole entries of a locked page in data order, from the start of its data
         area to the first entry that is not (``whole_entry``; ``_layout`` invariant 4:
         the page's count of entries is not trusted).  Returns their fields and the
@@ -220,20 +188,45 @@ class Pager:
         mm = self._mm
         assert mm is not None
         out, pos = [], self._d0
-        while (e := whole_entry(mm, po, pos, self._d0, self._ps, self._seed, self._n, page, True)) is not None:
+        while (e := L.whole_entry(mm, po, pos, self._d0, self._ps, self._seed, self._n, page, True)) is not None:
             out.append(e)
             pos += e[1]
         return out, pos
 
     def lock(self, page: int, timeout: float) -> Locked:
-        """Lock a page (-1: the spare) against every thread of every process
-        (``_locks``); DIRTY when its seq is odd (a writer died: repair first)."""
+        """Lock a page (-1: the spare) against every thread of every process within
+        ``timeout`` (``_locks``): SOUND, DIRTY (seq odd: a writer died, repair
+        first) or TIMEOUT.  A damaged lock is reset by the host and taken again."""
         assert self._locks is not None and self._w is not None
         po = L.page_offset(self._ps, page)
-        state = self._locks.lock(po + L.OFF_LOCK, timeout)
+        deadline = time.monotonic() + timeout
+        state = self._locks.lock(po + L.OFF_LOCK, min(timeout, HOLDER_CHECK_AFTER))
+        looked = False
+        while state == Locked.WEDGED or state == Locked.TIMEOUT and timeout > HOLDER_CHECK_AFTER:
+            if state == Locked.WEDGED or not looked:
+                self._host.recover(page, state == Locked.WEDGED)
+            looked = True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return Locked.TIMEOUT
+            state = self._locks.lock(po + L.OFF_LOCK, left)
+            timeout = 0.0  # from here a TIMEOUT is final
         if state or page < 0:
             return state
         return Locked.DIRTY if self._w.u64[(po + L.OFF_SEQ) >> 3] & 1 else Locked.SOUND
+
+    def hold(self, page: int) -> None:
+        """Lock a page for a change: the host's LockTimeoutError if it stays busy, and
+        a page its last writer left mid-change is repaired first."""
+        state = self.lock(page, self._timeout)
+        if state == Locked.TIMEOUT:
+            raise self._host.timeout(page)
+        if state == Locked.DIRTY:
+            try:
+                self.rebuild(page)
+            except BaseException:
+                self.unlock(page)
+                raise
 
     def unlock(self, page: int) -> None:
         """Release a page's lock."""
@@ -247,12 +240,11 @@ class Pager:
 
     def append(
         self, po: int, so: int, old_eo: int, kb: bytes, flags: int, h: int, vb: bytes,
-        exp_at: float, bracket: bool,
+        exp_at: float,
     ) -> bool:
         """Write a new entry at the page's bump pointer and point slot ``so`` at it,
         marking ``old_eo`` dead (0: a new key).  Returns False, changing nothing,
-        when the page lacks the room or the slot.  ``bracket``: make seq odd/even
-        around the change."""
+        when the page lacks the room or the slot.  Seq must be odd."""
         mm, w = self._mm, self._w
         assert mm is not None and w is not None
         u32 = w.u32
@@ -264,8 +256,6 @@ class Pager:
         slot_empty = _u32_at(mm, so)[0] == L.SLOT_EMPTY
         if not old_eo and slot_empty and used >= self._max_used:
             return False
-        if bracket:
-            self.bump(po)
         mm[po + bump:po + bump + span] = L.pack_entry(exp_at, h, flags, kb, vb)
         u32[(po + L.OFF_BUMP) >> 2] = bump + span  # the entry exists (invariant 3) ...
         u32[(so >> 2) + 1] = L.tick(time.time())
@@ -278,10 +268,162 @@ class Pager:
             if slot_empty:
                 u32[(po + L.OFF_USED) >> 2] = (used + 1) & L.U32_MASK
             u32[(po + L.OFF_ENTRIES) >> 2] = (ne + 1) & L.U32_MASK
-        if bracket:
-            self.bump(po)
         return True
 
+
+    def rebuild(self, page: int) -> None:
+        """Repair a locked page (``Upkeep.rebuild``)."""
+        self._upkeep.rebuild(page)
+
+    def find_locked(self, page: int, kb: bytes, h: int, s0: int) -> tuple[int, int, int]:
+        """``find`` on a locked page, repairing the page first if it fails a check."""
+        po = L.page_offset(self._ps, page)
+        found = self.find(po, kb, h, s0)
+        if found[1] == L.DAMAGED:
+            self.rebuild(page)
+            found = self.find(po, kb, h, s0)
+            if found[1] == L.DAMAGED:
+                raise self._host.meddled(page)
+        return found
+
+    def put(self, kb: bytes, flags: int, exp_at: float, vb: bytes, update: Update | None) -> None:
+        """Store ``vb`` (or ``update(old raw value or None)``, run with the page
+        locked) under ``kb``.
+
+        A key's first page is its home: every insert of the key locks it first,
+        so two inserts of one key cannot race, and an update locks only the page
+        that holds it (``_layout`` invariant 6).  A new key goes to the roomier
+        page; its second page is locked too only then, waiting only in index order
+        and otherwise just trying (a busy second page: stay home)."""
+        backoff = False
+        while True:
+            if backoff:  # p2 stayed busy and p1 is released: let its holder finish
+                time.sleep(INSERT_BACKOFF)
+            h, p1, p2, s0 = self.where(kb)
+            po1, po2 = L.page_offset(self._ps, p1), L.page_offset(self._ps, p2)
+            in1 = self.holds(po1, kb, h, s0)
+            in2 = 0 if in1 == 1 or p2 == p1 else self.holds(po2, kb, h, s0)
+            roomier = self._roomier(p1, p2)
+            if in2 == 1:  # lives in its second page: update it there
+                self.hold(p2)
+                try:
+                    so, eo, _ = self.find_locked(p2, kb, h, s0)
+                    if eo:
+                        self._put_here(p2, so, eo, kb, flags, h, s0, exp_at, vb, update)
+                        return
+                finally:
+                    self.unlock(p2)
+                continue  # deleted meanwhile: start over
+            self.hold(p1)
+            second = False
+            try:
+                so, eo, free = self.find_locked(p1, kb, h, s0)
+                if eo or p1 == p2:
+                    self._put_here(p1, so if eo else free, eo, kb, flags, h, s0, exp_at, vb, update)
+                    return
+                # Not in p1; with p1 held nobody can insert it into p2, so what we
+                # see of p2 now is final (-1: p2 was too busy, or failed a check).
+                in2 = self.holds(po2, kb, h, s0)
+                if in2 > 0:
+                    continue
+                if in2 < 0 or roomier == p2:
+                    if p2 > p1:  # in index order: wait
+                        self.hold(p2)
+                        second = True
+                    else:  # against the order: only try
+                        state = self.lock(p2, 0.0)
+                        second = state != Locked.TIMEOUT
+                        if state == Locked.DIRTY:
+                            self.rebuild(p2)
+                backoff = in2 < 0 and not second
+                if backoff:
+                    continue
+                if second:
+                    so2, eo2, free2 = self.find_locked(p2, kb, h, s0)
+                    if eo2 or roomier == p2:
+                        self._put_here(p2, so2 if eo2 else free2, eo2, kb, flags, h, s0, exp_at, vb, update)
+                        return
+                self._put_here(p1, free, 0, kb, flags, h, s0, exp_at, vb, update)
+                return
+            finally:
+                if second:
+                    self.unlock(p2)
+                self.unlock(p1)
+
+    def _old_value(self, page: int, so: int, eo: int, kb: bytes, h: int, s0: int) -> tuple[bytes | None, int, int]:
+        """(current value or None when expired, slot, entry) of the key at ``eo`` in a
+        locked page; an entry failing its checksum gets the page repaired and the key
+        looked up again (a damaged value is never handed to the callback)."""
+        mm = self._mm
+        assert mm is not None
+        po = L.page_offset(self._ps, page)
+        for attempt in range(2):
+            if not eo:
+                break
+            e = self._upkeep.parse(page, po, eo - po, self._ps, True)
+            if e is not None:
+                if e.exp and e.exp <= time.time():
+                    return None, so, eo
+                start = eo + L.ENTRY_SIZE + len(kb)
+                return mm[start:start + e.vlen], so, eo
+            if attempt:
+                break
+            self.rebuild(page)
+            so, eo, free = self.find_locked(page, kb, h, s0)
+            so = so if eo else free
+        return None, so, eo
+
+    def _put_here(
+        self, page: int, so: int, eo: int, kb: bytes, flags: int, h: int, s0: int,
+        exp_at: float, vb: bytes, update: Update | None,
+    ) -> None:
+        """With the page locked, write the key's new entry there: ``eo`` is its
+        current entry (0: none) and ``so`` the slot to use (its own, or a free one)."""
+        if update is not None:
+            old, so, eo = self._old_value(page, so, eo, kb, h, s0)
+            vb = update(old)  # user code: the page is locked but unchanged
+        po = L.page_offset(self._ps, page)
+        self.bump(po)
+        done = self.append(po, so, eo, kb, flags, h, vb, exp_at)
+        self.bump(po)
+        if not done:  # no room or no slot: rebuild the page with the new entry in it
+            self._upkeep.rebuild(page, (kb, L.pack_entry(exp_at, h, flags, kb, vb), h))
+
+    def remove(self, kb: bytes) -> bool:
+        """Delete ``kb``; True if a live (unexpired) entry went."""
+        while True:
+            h, p1, p2, s0 = self.where(kb)
+            in1 = self.holds(L.page_offset(self._ps, p1), kb, h, s0)
+            in2 = 0 if in1 == 1 or p2 == p1 else self.holds(L.page_offset(self._ps, p2), kb, h, s0)
+            unsure = in1 < 0 or in2 < 0  # too busy to tell: look in both, locked in index order
+            if in1 == 1 or in2 == 1:
+                pages: tuple[int, ...] = (p1 if in1 == 1 else p2,)
+            elif unsure:
+                pages = (p1,) if p1 == p2 else (min(p1, p2), max(p1, p2))
+            else:
+                return False
+            held: list[int] = []
+            try:
+                for p in pages:
+                    self.hold(p)
+                    held.append(p)
+                for p in pages:
+                    so, eo, _ = self.find_locked(p, kb, h, s0)
+                    if eo:
+                        mm = self._mm
+                        assert mm is not None
+                        exp = _entry_at(mm, eo)[0]
+                        po = L.page_offset(self._ps, p)
+                        self.bump(po)
+                        self._upkeep.kill(po, so, eo)
+                        self.bump(po)
+                        return not (exp and exp <= time.time())
+            finally:
+                for p in reversed(held):
+                    self.unlock(p)
+            if unsure:
+                return False  # in neither page, with both locked
+            # deleted by someone else between the look and the lock: look again
 
 PURE_ENV = "PREFORK_SESSIONS_PURE"  # "1": use the reference implementation (inherited by subprocesses)
 
@@ -306,4 +448,4 @@ else:
             RuntimeWarning, stacklevel=2,
         )
 
-__all__ = ["ACCELERATED", "PURE_ENV", "EntryFields", "FastPager", "Pager", "pages_of", "whole_entry"]
+__all__ = ["ACCELERATED", "PURE_ENV", "FastPager", "Pager"]

@@ -6,6 +6,7 @@
  * Seqlock: the page's seq is loaded with acquire ordering before and after the
  * entry is copied, so the copy is validated on every CPU architecture. */
 #define PY_SSIZE_T_CLEAN
+#define _GNU_SOURCE  /* qsort_r */
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
@@ -37,8 +38,18 @@
 #define SLOT_EMPTY 0
 #define SLOT_TOMB 1
 #define SLOT_TICK 4      /* a slot: entry offset, then the last-access tick */
+#define OFF_EVICTIONS 88 /* evictions, expirations, recoveries: u64 each */
+#define FLAG_STR_KEY 1
+#define SPARE_STATE_OFF 2048  /* state, target, end, crc32: u32 each */
+#define OFF_SPARE_TARGET 2052
+#define OFF_SPARE_END 2056
+#define OFF_SPARE_CRC 2060
+#define SPARE_EMPTY 0
+#define SPARE_VALID 1
+#define HOLDER_CHECK_AFTER 0.05  /* _locks.HOLDER_CHECK_AFTER */
+#define INSERT_BACKOFF_US 50     /* _pager.INSERT_BACKOFF */
 #define DAMAGED (-1)     /* the entry offset find() returns for a failed check */
-#define FIB 0x9E3779B1u  /* _pager.FIB */
+#define FIB 0x9E3779B1u  /* _layout.FIB */
 #define READ_TRIES 4     /* _pager.READ_TRIES */
 /* _locks.Locked */
 #define LOCK_SOUND 0
@@ -54,6 +65,10 @@ typedef struct {
     int have_view;
     uint32_t seed;
     Py_ssize_t npages, page_size, nslots, max_used, d0;
+    PyObject *host;      /* _upkeep.Host: errors to raise, damaged locks to reset */
+    double timeout;      /* lock_timeout, seconds */
+    int nfixed;          /* words of an unlocked mutex that locking never changes (_locks.fixed_words) */
+    uint32_t fixed_at[LOCK_SIZE / 4], fixed[LOCK_SIZE / 4];
 } Pager;
 
 typedef struct {
@@ -83,7 +98,7 @@ static inline void read_entry(const char *p, Entry *e) {
     memcpy(&e->crc, p + OFF_E_CRC, 4);
 }
 
-/* a key's two candidate pages from its hash: _pager.pages_of */
+/* a key's two candidate pages from its hash: _layout.pages_of */
 static inline void pages_of(Pager *self, uint32_t hh, Py_ssize_t *p1, Py_ssize_t *p2) {
     Py_ssize_t n = self->npages;
     *p1 = (Py_ssize_t)(hh % (uint64_t)n);
@@ -115,7 +130,7 @@ static inline void store32(char *p, uint32_t v) {
 /* Probe page at po for key. Returns 0 when done (found or not), -1 when a slot
  * on the probe path points outside the page's entries or at the key's dead
  * entry: a torn view without the lock, damage with it (_layout invariant 8).
- * *so/*eo/*fr as in _pager.Pager.find (absolute offsets; eo 0 = absent). */
+ * so_out, eo_out, free_out as in _pager.Pager.find (absolute offsets; eo 0 = absent). */
 static int probe(Pager *self, Py_ssize_t po, const char *k, Py_ssize_t klen, uint32_t h,
                  Py_ssize_t s0, Py_ssize_t *so_out, Py_ssize_t *eo_out, Py_ssize_t *free_out) {
     const char *buf = (const char *)self->view.buf;
@@ -242,23 +257,6 @@ static PyObject *Pager_holds(Pager *self, PyObject *const *args, Py_ssize_t narg
     return PyLong_FromLong(holds(self, po, k, klen, h, s0));
 }
 
-/* locate(key) -> (hash, p1, p2, first_slot, page holding it: -1 none, -2 unknown,
- * roomier page).  Lock-free and seqlock-validated; see _pager.Pager.locate. */
-static PyObject *Pager_locate(Pager *self, PyObject *key) {
-    const char *k; Py_ssize_t klen, p1, p2, s0, page = -1; uint32_t h;
-    if (check_open(self) < 0 || get_key(key, &k, &klen) < 0) return NULL;
-    where(self, k, klen, &h, &p1, &p2, &s0);
-    int in1 = holds(self, page_off(self, p1), k, klen, h, s0);
-    int in2 = (in1 == 1 || p2 == p1) ? 0 : holds(self, page_off(self, p2), k, klen, h, s0);
-    if (in1 == 1) page = p1;
-    else if (in2 == 1) page = p2;
-    else if (in1 < 0 || in2 < 0) page = -2;
-    /* two-choice placement, leaning to the home page (whose lock an insert holds
-     * anyway) unless the other is emptier by a margin: see _pager.Pager.locate */
-    Py_ssize_t roomier = page_load(self, p2) + (self->page_size >> 5) < page_load(self, p1) ? p2 : p1;
-    return Py_BuildValue("(Innnnn)", h, p1, p2, s0, page, roomier);
-}
-
 /* read(key) -> value bytes | None (absent or expired) | False (contended) */
 static PyObject *Pager_read(Pager *self, PyObject *key) {
     const char *k; Py_ssize_t klen, p1, p2, s0; uint32_t h;
@@ -315,6 +313,12 @@ static PyObject *Pager_read(Pager *self, PyObject *key) {
 }
 
 
+static double now_mono(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
 static inline pthread_mutex_t *page_lock(Pager *self, Py_ssize_t page) {
     return (pthread_mutex_t *)((char *)self->view.buf + page_off(self, page) + OFF_LOCK);
 }
@@ -324,6 +328,10 @@ static inline pthread_mutex_t *page_lock(Pager *self, Py_ssize_t page) {
  * _locks.Locked value; the GIL is released only while waiting. */
 static int lock_page(Pager *self, Py_ssize_t page, double timeout) {
     pthread_mutex_t *m = page_lock(self, page);
+    const uint32_t *words = (const uint32_t *)m;
+    for (int i = 0; i < self->nfixed; i++)
+        if (load32((const char *)(words + self->fixed_at[i])) != self->fixed[i])
+            return LOCK_WEDGED;  /* its type changed: the calls would misread it */
     int r = pthread_mutex_trylock(m);
     if (r == EBUSY) {
         if (timeout <= 0) return LOCK_TIMEOUT;
@@ -360,13 +368,27 @@ static PyObject *Pager_lock(Pager *self, PyObject *const *args, Py_ssize_t nargs
     return PyLong_FromLong(lock_page(self, page, timeout));
 }
 
-static int unlock_page(Pager *self, Py_ssize_t page) {
-    int r = pthread_mutex_unlock(page_lock(self, page));
-    if (r) {
-        errno = r;
-        PyErr_SetFromErrno(PyExc_OSError);
+/* Give a page's lock back.  A refusal (EPERM: not held by this thread) means its
+ * bytes were changed while held; the next locker finds it WEDGED and resets it. */
+static void unlock_page(Pager *self, Py_ssize_t page) {
+    (void)pthread_mutex_unlock(page_lock(self, page));
+}
+
+/* the fixed words of an unlocked mutex made the way _locks.template() makes it */
+static int learn_fixed_words(Pager *self) {
+    union { pthread_mutex_t m; uint32_t w[LOCK_SIZE / 4]; } t;
+    pthread_mutexattr_t attr;
+    memset(&t, 0, sizeof t);
+    if (pthread_mutexattr_init(&attr) || pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED)
+        || pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST)
+        || pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ERRORCHECK) || pthread_mutex_init(&t.m, &attr)) {
+        PyErr_SetString(PyExc_OSError, "this C library cannot make process-shared robust mutexes");
         return -1;
     }
+    pthread_mutexattr_destroy(&attr);
+    self->nfixed = 0;
+    for (int i = 0; i < LOCK_SIZE / 4; i++)
+        if (t.w[i]) { self->fixed_at[self->nfixed] = (uint32_t)i; self->fixed[self->nfixed++] = t.w[i]; }
     return 0;
 }
 
@@ -378,7 +400,7 @@ static PyObject *Pager_unlock(Pager *self, PyObject *arg) {
         PyErr_SetString(PyExc_ValueError, "page out of range");
         return NULL;
     }
-    if (unlock_page(self, page) < 0) return NULL;
+    unlock_page(self, page);
     Py_RETURN_NONE;
 }
 
@@ -402,78 +424,6 @@ static PyObject *Pager_bump(Pager *self, PyObject *arg) {
     }
     bump_seq((char *)self->view.buf + po + OFF_SEQ);
     Py_RETURN_NONE;
-}
-
-/* append(po, so, old_eo, key, flags, hash, value, expire_at, bracket) -> bool
- * Write a new entry at the page's bump pointer and point slot `so` at it,
- * marking `old_eo` dead (0: a new key).  Returns False, changing nothing, when
- * the page lacks the room or the slot.  bracket: make seq odd/even around it. */
-static PyObject *Pager_append(Pager *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError, "append() takes 9 arguments");
-        return NULL;
-    }
-    if (check_open(self) < 0) return NULL;
-    Py_ssize_t po = PyLong_AsSsize_t(args[0]), so = PyLong_AsSsize_t(args[1]);
-    Py_ssize_t old_eo = PyLong_AsSsize_t(args[2]);
-    long flags = PyLong_AsLong(args[4]);
-    uint32_t h = (uint32_t)PyLong_AsUnsignedLong(args[5]);
-    double exp = PyFloat_AsDouble(args[7]);
-    int bracket = PyObject_IsTrue(args[8]);
-    if (PyErr_Occurred()) return NULL;
-    if (!PyBytes_Check(args[3]) || !PyBytes_Check(args[6])) {
-        PyErr_SetString(PyExc_TypeError, "key and value must be bytes");
-        return NULL;
-    }
-    const char *k = PyBytes_AS_STRING(args[3]), *v = PyBytes_AS_STRING(args[6]);
-    Py_ssize_t klen = PyBytes_GET_SIZE(args[3]), vlen = PyBytes_GET_SIZE(args[6]);
-    Py_ssize_t ps = self->page_size;
-    if (po < HEADER_SIZE || po + ps > self->view.len || klen > 0xFFFF || vlen > 0xFFFFFFFFL
-        || (so && (so < po + PAGE_HDR_SIZE || so >= po + PAGE_HDR_SIZE + (self->nslots << SLOT_SHIFT)))
-        || (old_eo && (old_eo < po || old_eo + ENTRY_SIZE > po + ps))) {
-        PyErr_SetString(PyExc_ValueError, "append: offsets out of range");
-        return NULL;
-    }
-    char *buf = (char *)self->view.buf, *page = buf + po;
-    uint32_t counts[4];  /* entries, used, bump, dead */
-    memcpy(counts, page + OFF_COUNTS, 16);
-    Py_ssize_t span = (ENTRY_SIZE + klen + vlen + 7) & ~(Py_ssize_t)7;
-    uint32_t cur;
-    if ((Py_ssize_t)counts[2] < self->d0 || (counts[2] & 7) || (Py_ssize_t)counts[2] + span > ps || !so)
-        Py_RETURN_FALSE;  /* no room, or a damaged bump: the caller rebuilds the page */
-    memcpy(&cur, buf + so, 4);
-    if (!old_eo && cur == SLOT_EMPTY && (Py_ssize_t)counts[1] >= self->max_used) Py_RETURN_FALSE;
-    if (bracket) bump_seq(page + OFF_SEQ);
-    char head[ENTRY_SIZE];
-    uint16_t k16 = (uint16_t)klen; uint32_t v32 = (uint32_t)vlen; uint8_t f8 = (uint8_t)flags, zero = 0;
-    memcpy(head, &exp, 8); memcpy(head + OFF_E_HASH, &h, 4); memcpy(head + OFF_E_VLEN, &v32, 4);
-    memcpy(head + OFF_E_KLEN, &k16, 2); head[OFF_E_FLAGS] = (char)f8; head[OFF_DEAD] = (char)zero;
-    uint32_t crc = (uint32_t)crc32(crc32(crc32(0L, (const Bytef *)head, ENTRY_CRC_SPAN),
-                                         (const Bytef *)k, (uInt)klen), (const Bytef *)v, (uInt)vlen);
-    memcpy(head + OFF_E_CRC, &crc, 4);
-    char *e = page + counts[2];
-    memcpy(e, head, ENTRY_SIZE);
-    memcpy(e + ENTRY_SIZE, k, (size_t)klen);
-    memcpy(e + ENTRY_SIZE + klen, v, (size_t)vlen);
-    uint32_t at = counts[2];
-    /* the entry exists before bump passes it, and bump before a slot points at it;
-     * one store per field (_layout invariant 2) */
-    __atomic_store_n((uint32_t *)(page + OFF_BUMP), at + (uint32_t)span, __ATOMIC_RELEASE);
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    store32(buf + so + SLOT_TICK, tick(&ts));
-    __atomic_store_n((uint32_t *)(buf + so), at, __ATOMIC_RELEASE);
-    if (old_eo) {
-        __atomic_store_n(buf + old_eo + OFF_DEAD, (char)1, __ATOMIC_RELEASE);
-        uint32_t ov; uint16_t ok;
-        memcpy(&ov, buf + old_eo + OFF_E_VLEN, 4); memcpy(&ok, buf + old_eo + OFF_E_KLEN, 2);
-        store32(page + OFF_DEADBYTES, counts[3] + (uint32_t)((ENTRY_SIZE + ok + ov + 7) & ~7u));
-    } else {
-        if (cur == SLOT_EMPTY) store32(page + OFF_USED, counts[1] + 1);
-        store32(page + OFF_ENTRIES, counts[0] + 1);
-    }
-    if (bracket) bump_seq(page + OFF_SEQ);
-    Py_RETURN_TRUE;
 }
 
 /* walk(po, page) -> (entries, end): see _pager.Pager.walk */
@@ -518,19 +468,634 @@ static PyObject *Pager_walk(Pager *self, PyObject *const *args, Py_ssize_t nargs
     return Py_BuildValue("(Nn)", out, pos);
 }
 
+/* ------------------------------------------------------------------ the write path
+ * put / remove / rebuild: the algorithm of _pager.Pager.put and .remove and of
+ * _upkeep.Upkeep.rebuild (the reference), on the same format.  Errors come from
+ * the host object given at init: host.timeout(page) and host.meddled(page) build
+ * the exception to raise, host.recover(page, wedged) resets a damaged lock. */
+
+/* an entry's header as it goes into the data area (checksummed) */
+static void pack_head(char *head, double exp, uint32_t h, uint32_t vlen, uint16_t klen, uint8_t flags,
+                      const char *k, const char *v) {
+    memcpy(head, &exp, 8); memcpy(head + OFF_E_HASH, &h, 4); memcpy(head + OFF_E_VLEN, &vlen, 4);
+    memcpy(head + OFF_E_KLEN, &klen, 2); head[OFF_E_FLAGS] = (char)flags; head[OFF_DEAD] = 0;
+    uint32_t crc = (uint32_t)crc32(crc32(crc32(0L, (const Bytef *)head, ENTRY_CRC_SPAN),
+                                         (const Bytef *)k, (uInt)klen), (const Bytef *)v, (uInt)vlen);
+    memcpy(head + OFF_E_CRC, &crc, 4);
+}
+
+static inline Py_ssize_t span_of(Py_ssize_t klen, Py_ssize_t vlen) {
+    return (ENTRY_SIZE + klen + vlen + 7) & ~(Py_ssize_t)7;
+}
+
+static inline uint32_t now_tick(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return tick(&ts);
+}
+
+static inline double now_wall(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* Write a new entry at the locked page's bump pointer and point slot so at it,
+ * marking old_eo dead (0: a new key); seq must be odd.  0, changing nothing,
+ * when the page lacks the room or the slot (_pager.Pager.append). */
+static int append_entry(Pager *self, Py_ssize_t po, Py_ssize_t so, Py_ssize_t old_eo, const char *k,
+                        Py_ssize_t klen, uint8_t flags, uint32_t h, const char *v, Py_ssize_t vlen, double exp) {
+    char *buf = (char *)self->view.buf, *page = buf + po;
+    uint32_t counts[4];  /* entries, used, bump, dead */
+    memcpy(counts, page + OFF_COUNTS, sizeof counts);
+    Py_ssize_t span = span_of(klen, vlen), ps = self->page_size;
+    if ((Py_ssize_t)counts[2] < self->d0 || (counts[2] & 7) || (Py_ssize_t)counts[2] + span > ps || !so)
+        return 0;  /* no room, or a damaged bump: the caller rebuilds the page */
+    uint32_t cur = load32(buf + so);
+    if (!old_eo && cur == SLOT_EMPTY && (Py_ssize_t)counts[1] >= self->max_used) return 0;
+    char *e = page + counts[2];
+    pack_head(e, exp, h, (uint32_t)vlen, (uint16_t)klen, flags, k, v);
+    memcpy(e + ENTRY_SIZE, k, (size_t)klen);
+    memcpy(e + ENTRY_SIZE + klen, v, (size_t)vlen);
+    memset(e + ENTRY_SIZE + klen + vlen, 0, (size_t)(span - ENTRY_SIZE - klen - vlen));
+    uint32_t at = counts[2];
+    /* the entry exists before bump passes it, and bump before a slot points at it;
+     * one store per field (_layout invariant 2) */
+    __atomic_store_n((uint32_t *)(page + OFF_BUMP), at + (uint32_t)span, __ATOMIC_RELEASE);
+    store32(buf + so + SLOT_TICK, now_tick());
+    __atomic_store_n((uint32_t *)(buf + so), at, __ATOMIC_RELEASE);
+    if (old_eo) {
+        __atomic_store_n(buf + old_eo + OFF_DEAD, (char)1, __ATOMIC_RELEASE);
+        uint32_t ov; uint16_t ok;
+        memcpy(&ov, buf + old_eo + OFF_E_VLEN, 4); memcpy(&ok, buf + old_eo + OFF_E_KLEN, 2);
+        store32(page + OFF_DEADBYTES, counts[3] + (uint32_t)span_of(ok, ov));
+    } else {
+        if (cur == SLOT_EMPTY) store32(page + OFF_USED, counts[1] + 1);
+        store32(page + OFF_ENTRIES, counts[0] + 1);
+    }
+    return 1;
+}
+
+/* Remove a live entry of a locked page whose seq is odd: tombstone its slot, mark
+ * it dead, count it (one store per field; _upkeep.kill). */
+static void kill_entry(Pager *self, Py_ssize_t po, Py_ssize_t so, Py_ssize_t eo) {
+    char *buf = (char *)self->view.buf, *page = buf + po;
+    uint32_t counts[4], ov; uint16_t ok;
+    memcpy(counts, page + OFF_COUNTS, sizeof counts);
+    memcpy(&ov, buf + eo + OFF_E_VLEN, 4); memcpy(&ok, buf + eo + OFF_E_KLEN, 2);
+    store32(buf + so, SLOT_TOMB);
+    __atomic_store_n(buf + eo + OFF_DEAD, (char)1, __ATOMIC_RELEASE);
+    store32(page + OFF_ENTRIES, counts[0] - 1);
+    store32(page + OFF_DEADBYTES, counts[3] + (uint32_t)span_of(ok, ov));
+}
+
+typedef struct {
+    Py_ssize_t off, span;  /* within the page */
+    uint32_t h, vlen, atime;
+    uint16_t klen;
+    uint8_t flags, dead;
+    double exp;
+} Ent;
+
+/* Is the entry at off (in [d0, limit)) of the locked page whole: aligned, inside,
+ * checksum valid, key hashing to this page, a str key valid UTF-8?  (_layout.whole_entry
+ * and the str-key rule of _upkeep.Upkeep.parse) */
+static int whole_at(Pager *self, Py_ssize_t po, Py_ssize_t page, Py_ssize_t off, Py_ssize_t limit, Ent *e) {
+    const char *base = (const char *)self->view.buf + po;
+    Entry x;
+    Py_ssize_t p1, p2;
+    if (off < self->d0 || (off & 7) || off + ENTRY_SIZE > limit) return 0;
+    read_entry(base + off, &x);
+    Py_ssize_t span = span_of(x.klen, x.vlen);
+    if (off + span > limit) return 0;
+    const char *key = base + off + ENTRY_SIZE;
+    uLong crc = crc32(crc32(0L, (const Bytef *)(base + off), ENTRY_CRC_SPAN),
+                      (const Bytef *)key, (uInt)(x.klen + x.vlen));
+    if ((uint32_t)crc != x.crc || (uint32_t)crc32(self->seed, (const Bytef *)key, x.klen) != x.hash) return 0;
+    pages_of(self, x.hash, &p1, &p2);
+    if (page != p1 && page != p2) return 0;
+    if (x.flags & FLAG_STR_KEY) {
+        PyObject *s = PyUnicode_DecodeUTF8(key, x.klen, "strict");
+        if (!s) { PyErr_Clear(); return 0; }
+        Py_DECREF(s);
+    }
+    e->off = off; e->span = span; e->h = x.hash; e->vlen = x.vlen; e->klen = x.klen;
+    e->flags = x.flags; e->dead = x.dead; e->exp = x.expire_at; e->atime = 0;
+    return 1;
+}
+
+typedef struct { uint32_t off, atime; } SlotRef;
+
+static int by_off(const void *a, const void *b) {
+    uint32_t x = ((const SlotRef *)a)->off, y = ((const SlotRef *)b)->off;
+    return (x > y) - (x < y);
+}
+
+static int ent_by_off(const void *a, const void *b) {
+    Py_ssize_t x = ((const Ent *)a)->off, y = ((const Ent *)b)->off;
+    return (x > y) - (x < y);
+}
+
+/* least recently used first (ages from the tick *now); ties in data order, as
+ * Python's stable sort leaves them */
+static int ent_by_age(const void *a, const void *b, void *now) {
+    const Ent *x = a, *y = b;
+    uint32_t t = *(const uint32_t *)now, ax = t - x->atime, ay = t - y->atime;
+    if (ax != ay) return ax < ay ? 1 : -1;
+    return (x->off > y->off) - (x->off < y->off);
+}
+
+static int same_key(const char *base, const Ent *a, const Ent *b) {
+    return a->h == b->h && a->klen == b->klen
+        && memcmp(base + a->off + ENTRY_SIZE, base + b->off + ENTRY_SIZE, a->klen) == 0;
+}
+
+/* Read a locked page by the repair rules (_layout invariant 4; _upkeep.Upkeep.survey),
+ * trusting no count: its live entries in data order with their ticks, and whether
+ * anything about the page was wrong.  *live is malloc'ed (free it); -1: no memory. */
+static int survey(Pager *self, Py_ssize_t page, Py_ssize_t po, Ent **live, Py_ssize_t *nlive, int *unsound) {
+    const char *base = (const char *)self->view.buf + po;
+    Py_ssize_t nslots = self->nslots, ps = self->page_size, cap = (ps - self->d0) / ENTRY_SIZE + nslots + 1;
+    Py_ssize_t tombs = 0, nrefs = 0, nents = 0, tsize = 1;
+    while (tsize < 2 * cap) tsize <<= 1;
+    SlotRef *refs = PyMem_Malloc(sizeof(SlotRef) * (size_t)nslots);
+    Ent *ents = PyMem_Malloc(sizeof(Ent) * (size_t)cap);
+    Py_ssize_t *table = PyMem_Calloc((size_t)tsize, sizeof(Py_ssize_t));  /* index + 1 into ents, by key */
+    if (!refs || !ents || !table) {
+        PyMem_Free(refs); PyMem_Free(ents); PyMem_Free(table);
+        PyErr_NoMemory();
+        return -1;
+    }
+    *unsound = 0;
+    for (Py_ssize_t i = 0; i < nslots; i++) {
+        uint32_t off = load32(base + PAGE_HDR_SIZE + (i << SLOT_SHIFT));
+        if (off == SLOT_TOMB) tombs++;
+        else if (off != SLOT_EMPTY) {
+            refs[nrefs].off = off;
+            refs[nrefs++].atime = load32(base + PAGE_HDR_SIZE + (i << SLOT_SHIFT) + SLOT_TICK);
+        }
+    }
+    qsort(refs, (size_t)nrefs, sizeof(SlotRef), by_off);
+    for (Py_ssize_t i = 1; i < nrefs; i++)
+        if (refs[i].off == refs[i - 1].off) *unsound = 1;  /* two slots point at one entry */
+    Ent e;
+    Py_ssize_t pos = self->d0;
+    /* the walk (in data order), then slot-referenced entries past where it stopped */
+    for (int phase = 0; phase < 2; phase++) {
+        Py_ssize_t r = 0;
+        for (;;) {
+            if (phase == 0) {
+                if (!whole_at(self, po, page, pos, ps, &e)) break;
+                pos += e.span;
+            } else {
+                while (r < nrefs && (Py_ssize_t)refs[r].off < pos) r++;
+                if (r == nrefs) break;
+                Py_ssize_t off = refs[r++].off;
+                if (!whole_at(self, po, page, off, ps, &e) || e.dead) { *unsound = 1; continue; }
+            }
+            size_t at = (size_t)e.h & (size_t)(tsize - 1);
+            while (table[at] && !same_key(base, &ents[table[at] - 1], &e)) at = (at + 1) & (size_t)(tsize - 1);
+            if (table[at]) ents[table[at] - 1] = e;  /* a later entry of a key replaces an earlier one */
+            else if (nents < cap) { ents[nents] = e; table[at] = ++nents; }
+        }
+    }
+    uint32_t counts[4];
+    memcpy(counts, base + OFF_COUNTS, sizeof counts);
+    if (pos != (Py_ssize_t)counts[2]) *unsound = 1;
+    Py_ssize_t n = 0, bytes = 0, now = now_tick();
+    for (Py_ssize_t i = 0; i < nents; i++) if (!ents[i].dead) ents[n++] = ents[i];
+    qsort(ents, (size_t)n, sizeof(Ent), ent_by_off);
+    /* every live entry has its slot and every slot its live entry (both sorted by offset) */
+    Py_ssize_t r = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        bytes += ents[i].span;
+        while (r < nrefs && (Py_ssize_t)refs[r].off < ents[i].off) { r++; *unsound = 1; }
+        if (r < nrefs && (Py_ssize_t)refs[r].off == ents[i].off) ents[i].atime = refs[r++].atime;
+        else { ents[i].atime = (uint32_t)now; *unsound = 1; }
+    }
+    if (r < nrefs) *unsound = 1;
+    if ((Py_ssize_t)counts[0] != n || (Py_ssize_t)counts[1] != n + tombs
+        || (int64_t)counts[2] - self->d0 - counts[3] != bytes)
+        *unsound = 1;
+    PyMem_Free(refs);
+    PyMem_Free(table);
+    *live = ents;
+    *nlive = n;
+    return 0;
+}
+
+static int lock_or_raise(Pager *self, Py_ssize_t page, double timeout);
+
+/* With the spare locked: finish a page replacement a dead process left half-copied,
+ * only onto a page whose seq is odd and only an image whose checksum holds
+ * (_upkeep.Upkeep.settle_spare). */
+static void settle_spare(Pager *self) {
+    char *buf = (char *)self->view.buf;
+    if (load32(buf + SPARE_STATE_OFF) == SPARE_EMPTY) return;
+    uint32_t st[4];  /* state, target, end, crc */
+    memcpy(st, buf + SPARE_STATE_OFF, sizeof st);
+    Py_ssize_t ps = self->page_size;
+    if (st[0] == SPARE_VALID && (Py_ssize_t)st[1] < self->npages && st[2] > OFF_COUNTS
+        && (Py_ssize_t)st[2] <= ps && !(st[2] & 7)) {
+        char *spare = buf + page_off(self, -1), *pg = buf + page_off(self, (Py_ssize_t)st[1]);
+        if ((load_seq(pg + OFF_SEQ) & 1)
+            && (uint32_t)crc32(0L, (const Bytef *)(spare + OFF_COUNTS), st[2] - OFF_COUNTS) == st[3]) {
+            memcpy(pg + OFF_COUNTS, spare + OFF_COUNTS, st[2] - OFF_COUNTS);
+            memset(pg + st[2], 0, (size_t)(ps - st[2]));
+        }
+    }
+    __atomic_store_n((uint32_t *)(buf + SPARE_STATE_OFF), SPARE_EMPTY, __ATOMIC_RELEASE);
+}
+
+/* Rewrite a locked page through the spare (_layout invariant 5) from its entries that
+ * pass their checks, without dead and expired ones; with a new entry (packed bytes
+ * nb of key nk) the key's entry is replaced by it, and the least recently used
+ * entries go as far as it needs the room.  _upkeep.Upkeep.rebuild is the reference. */
+static int rebuild(Pager *self, Py_ssize_t page, const char *nb, Py_ssize_t nlen, const char *nk,
+                   Py_ssize_t nklen, uint32_t nh) {
+    char *buf = (char *)self->view.buf;
+    Py_ssize_t po = page_off(self, page), ps = self->page_size, nslots = self->nslots;
+    if (lock_or_raise(self, -1, self->timeout) < 0) return -1;
+    settle_spare(self);  /* first: a dead writer may have been replacing this page */
+    Ent *live; Py_ssize_t n; int unsound;
+    char *img = PyMem_Calloc(1, (size_t)ps);
+    if (!img || survey(self, page, po, &live, &n, &unsound) < 0) {
+        PyMem_Free(img);
+        unlock_page(self, -1);
+        if (!PyErr_Occurred()) PyErr_NoMemory();
+        return -1;
+    }
+    const char *base = buf + po;
+    double now = now_wall();
+    Py_ssize_t keep = 0, expired = 0, used = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Ent *e = &live[i];
+        if (nb && e->h == nh && e->klen == nklen && memcmp(base + e->off + ENTRY_SIZE, nk, (size_t)nklen) == 0)
+            continue;  /* the key's old entry: replaced */
+        if (e->exp != 0.0 && e->exp <= now) { expired++; continue; }
+        live[keep++] = *e;
+        used += e->span;
+    }
+    Py_ssize_t room = ps - self->d0 - (nb ? nlen : 0), slots = self->max_used - (nb != NULL), evicted = 0;
+    if (used > room || keep > slots) {
+        uint32_t t = now_tick();
+        qsort_r(live, (size_t)keep, sizeof(Ent), ent_by_age, &t);
+        Py_ssize_t drop = 0;
+        while (drop < keep && (used > room || keep - drop > slots)) used -= live[drop++].span;
+        evicted = drop;
+        memmove(live, live + drop, sizeof(Ent) * (size_t)(keep - drop));
+        keep -= drop;
+        qsort(live, (size_t)keep, sizeof(Ent), ent_by_off);
+    }
+    /* the image: kept entries in data order, then the new one; slots by probing */
+    Py_ssize_t pos = self->d0;
+    uint32_t t = now_tick();
+    for (Py_ssize_t i = 0; i <= keep; i++) {
+        uint32_t h, atime;
+        Py_ssize_t len;
+        if (i < keep) {
+            memcpy(img + pos, base + live[i].off, (size_t)live[i].span);
+            h = live[i].h; atime = live[i].atime; len = live[i].span;
+        } else if (nb) {
+            memcpy(img + pos, nb, (size_t)nlen);
+            h = nh; atime = t; len = nlen;
+        } else break;
+        Py_ssize_t s = (Py_ssize_t)((h / (uint64_t)self->npages) % (uint64_t)nslots);
+        while (load32(img + PAGE_HDR_SIZE + (s << SLOT_SHIFT))) if (++s == nslots) s = 0;
+        memcpy(img + PAGE_HDR_SIZE + (s << SLOT_SHIFT), &pos, 4);
+        memcpy(img + PAGE_HDR_SIZE + (s << SLOT_SHIFT) + SLOT_TICK, &atime, 4);
+        pos += len;
+    }
+    uint32_t count = (uint32_t)(keep + (nb != NULL)), end = (uint32_t)pos, zero = 0;
+    uint64_t ctr[3];  /* evictions, expirations, recoveries */
+    memcpy(ctr, base + OFF_EVICTIONS, sizeof ctr);
+    ctr[0] += (uint64_t)evicted; ctr[1] += (uint64_t)expired; ctr[2] += (uint64_t)(nb == NULL || unsound);
+    memcpy(img + OFF_ENTRIES, &count, 4); memcpy(img + OFF_USED, &count, 4);
+    memcpy(img + OFF_BUMP, &end, 4); memcpy(img + OFF_DEADBYTES, &zero, 4);
+    memcpy(img + OFF_EVICTIONS, ctr, sizeof ctr);
+    PyMem_Free(live);
+    /* install (invariant 5): the image into the spare, the spare marked valid for this
+     * page, copied over the page, the spare marked empty */
+    char *spare = buf + page_off(self, -1), *pg = buf + po;
+    if (!(load_seq(pg + OFF_SEQ) & 1)) bump_seq(pg + OFF_SEQ);
+    memcpy(spare + OFF_COUNTS, img + OFF_COUNTS, end - OFF_COUNTS);
+    store32(buf + OFF_SPARE_TARGET, (uint32_t)page);
+    store32(buf + OFF_SPARE_END, end);
+    store32(buf + OFF_SPARE_CRC,
+            (uint32_t)crc32(0L, (const Bytef *)(img + OFF_COUNTS), end - OFF_COUNTS));
+    __atomic_store_n((uint32_t *)(buf + SPARE_STATE_OFF), SPARE_VALID, __ATOMIC_RELEASE);
+    memcpy(pg + OFF_COUNTS, img + OFF_COUNTS, (size_t)(ps - OFF_COUNTS));
+    __atomic_store_n((uint32_t *)(buf + SPARE_STATE_OFF), SPARE_EMPTY, __ATOMIC_RELEASE);
+    bump_seq(pg + OFF_SEQ);
+    PyMem_Free(img);
+    unlock_page(self, -1);
+    return 0;
+}
+
+static PyObject *Pager_rebuild(Pager *self, PyObject *arg) {
+    Py_ssize_t page = PyLong_AsSsize_t(arg);
+    if (page == -1 && PyErr_Occurred()) return NULL;
+    if (check_open(self) < 0) return NULL;
+    if (page < 0 || page >= self->npages) {
+        PyErr_SetString(PyExc_ValueError, "page out of range");
+        return NULL;
+    }
+    if (rebuild(self, page, NULL, 0, NULL, 0, 0) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static void raise_from_host(Pager *self, const char *what, Py_ssize_t page) {
+    PyObject *exc = PyObject_CallMethod(self->host, what, "n", page);
+    if (exc) {
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
+    }
+}
+
+/* Take a page's lock within timeout, resetting a damaged one (host.recover:
+ * _locks.recover decides, as _pager.Pager.lock does). */
+static int lock_recovering(Pager *self, Py_ssize_t page, double timeout) {
+    double first = timeout < HOLDER_CHECK_AFTER ? timeout : HOLDER_CHECK_AFTER;
+    double deadline = now_mono() + timeout;
+    int r = lock_page(self, page, first), looked = 0;
+    while (r == LOCK_WEDGED || (r == LOCK_TIMEOUT && timeout > HOLDER_CHECK_AFTER)) {
+        if (r == LOCK_WEDGED || !looked) {
+            PyObject *res = PyObject_CallMethod(self->host, "recover", "ni", page, r == LOCK_WEDGED);
+            if (!res) return -1;
+            Py_DECREF(res);
+        }
+        looked = 1;
+        double left = deadline - now_mono();
+        if (left <= 0) return LOCK_TIMEOUT;
+        r = lock_page(self, page, left);
+        timeout = 0;  /* from here a TIMEOUT is final */
+    }
+    return r;
+}
+
+/* Lock a page for a change: raise the host's timeout error, or repair a page its
+ * last writer left mid-change. */
+static int lock_or_raise(Pager *self, Py_ssize_t page, double timeout) {
+    int r = lock_recovering(self, page, timeout);
+    if (r < 0) return -1;
+    if (r == LOCK_TIMEOUT) { raise_from_host(self, "timeout", page); return -1; }
+    if (r == LOCK_DIRTY && rebuild(self, page, NULL, 0, NULL, 0, 0) < 0) {
+        unlock_page(self, page);
+        return -1;
+    }
+    return 0;
+}
+
+/* probe a locked page, repairing it first when it fails a check (_pager.Pager.find_locked) */
+static int find_locked(Pager *self, Py_ssize_t page, const char *k, Py_ssize_t klen, uint32_t h,
+                       Py_ssize_t s0, Py_ssize_t *so, Py_ssize_t *eo, Py_ssize_t *fr) {
+    Py_ssize_t po = page_off(self, page);
+    if (probe(self, po, k, klen, h, s0, so, eo, fr) == 0) return 0;
+    if (rebuild(self, page, NULL, 0, NULL, 0, 0) < 0) return -1;
+    if (probe(self, po, k, klen, h, s0, so, eo, fr) == 0) return 0;
+    raise_from_host(self, "meddled", page);
+    return -1;
+}
+
+/* The current value of the key at eo in a locked page, for update(): None when
+ * expired; a page whose entry fails its checksum is repaired first and the key
+ * looked up again (a damaged value is never handed to the callback). */
+static PyObject *old_value(Pager *self, Py_ssize_t page, const char *k, Py_ssize_t klen, uint32_t h,
+                           Py_ssize_t s0, Py_ssize_t *so, Py_ssize_t *eo, Py_ssize_t *fr) {
+    Py_ssize_t po = page_off(self, page);
+    Ent e;
+    for (int attempt = 0; *eo; attempt++) {
+        if (whole_at(self, po, page, *eo - po, self->page_size, &e)) {
+            if (e.exp != 0.0 && e.exp <= now_wall()) Py_RETURN_NONE;
+            return PyBytes_FromStringAndSize((const char *)self->view.buf + *eo + ENTRY_SIZE + klen, e.vlen);
+        }
+        if (attempt) break;
+        if (rebuild(self, page, NULL, 0, NULL, 0, 0) < 0
+            || find_locked(self, page, k, klen, h, s0, so, eo, fr) < 0)
+            return NULL;
+        if (!*eo) *so = *fr;
+    }
+    Py_RETURN_NONE;
+}
+
+/* With the page locked, write the key's new entry there: eo its current entry (0:
+ * none), so the slot to use.  update (not None) computes the value from the old one. */
+static int put_here(Pager *self, Py_ssize_t page, Py_ssize_t so, Py_ssize_t eo, const char *k, Py_ssize_t klen,
+                    uint8_t flags, uint32_t h, Py_ssize_t s0, double exp, PyObject *value, PyObject *update) {
+    Py_ssize_t po = page_off(self, page), fr = 0;
+    PyObject *vb = value;
+    Py_INCREF(vb);
+    if (update != Py_None) {
+        PyObject *old = old_value(self, page, k, klen, h, s0, &so, &eo, &fr);
+        if (!old) { Py_DECREF(vb); return -1; }
+        Py_SETREF(vb, PyObject_CallOneArg(update, old));  /* user code: the page is locked but unchanged */
+        Py_DECREF(old);
+        if (!vb) return -1;
+        if (!PyBytes_Check(vb)) {
+            PyErr_SetString(PyExc_TypeError, "update() must return bytes");
+            Py_DECREF(vb);
+            return -1;
+        }
+    }
+    const char *v = PyBytes_AS_STRING(vb);
+    Py_ssize_t vlen = PyBytes_GET_SIZE(vb), r = 0;
+    if (ENTRY_SIZE + klen + vlen > self->page_size - self->d0) {
+        PyErr_SetString(PyExc_ValueError, "entry larger than a page");  /* the store checks first */
+        Py_DECREF(vb);
+        return -1;
+    }
+    char *pg = (char *)self->view.buf + po;
+    bump_seq(pg + OFF_SEQ);
+    int done = append_entry(self, po, so, eo, k, klen, flags, h, v, vlen, exp);
+    bump_seq(pg + OFF_SEQ);
+    if (!done) {  /* no room or no slot: rebuild the page with the new entry in it */
+        Py_ssize_t span = span_of(klen, vlen);
+        char *nb = PyMem_Calloc(1, (size_t)span);
+        if (!nb) { Py_DECREF(vb); PyErr_NoMemory(); return -1; }
+        pack_head(nb, exp, h, (uint32_t)vlen, (uint16_t)klen, flags, k, v);
+        memcpy(nb + ENTRY_SIZE, k, (size_t)klen);
+        memcpy(nb + ENTRY_SIZE + klen, v, (size_t)vlen);
+        r = rebuild(self, page, nb, span, k, klen, h);
+        PyMem_Free(nb);
+    }
+    Py_DECREF(vb);
+    return (int)r;
+}
+
+static int pause_us(long us) {
+    struct timespec d = {0, us * 1000};
+    Py_BEGIN_ALLOW_THREADS
+    nanosleep(&d, NULL);
+    Py_END_ALLOW_THREADS
+    return 0;
+}
+
+/* put(key, flags, expire_at, value, update) -> None.  Store value (or update(old raw
+ * value or None) -> bytes, run with the page locked) under key: _pager.Pager.put. */
+static PyObject *Pager_put(Pager *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "put(key, flags, expire_at, value, update)");
+        return NULL;
+    }
+    const char *k; Py_ssize_t klen;
+    if (check_open(self) < 0 || get_key(args[0], &k, &klen) < 0) return NULL;
+    long flags = PyLong_AsLong(args[1]);
+    double exp = PyFloat_AsDouble(args[2]);
+    if (PyErr_Occurred()) return NULL;
+    PyObject *value = args[3], *update = args[4];
+    if (!PyBytes_Check(value) || klen > 0xFFFF) {
+        PyErr_SetString(PyExc_TypeError, "value must be bytes, key at most 65535 bytes");
+        return NULL;
+    }
+    Py_ssize_t so, eo, fr, so2, eo2, fr2;
+    int backoff = 0, r;
+    for (;;) {
+        if (backoff) pause_us(INSERT_BACKOFF_US);  /* p2 stayed busy and p1 is released: let its holder finish */
+        uint32_t h; Py_ssize_t p1, p2, s0;
+        where(self, k, klen, &h, &p1, &p2, &s0);
+        Py_ssize_t po1 = page_off(self, p1), po2 = page_off(self, p2);
+        int in1 = holds(self, po1, k, klen, h, s0);
+        int in2 = (in1 == 1 || p2 == p1) ? 0 : holds(self, po2, k, klen, h, s0);
+        Py_ssize_t roomier = page_load(self, p2) + (self->page_size >> 5) < page_load(self, p1) ? p2 : p1;
+        if (in2 == 1) {  /* lives in its second page: update it there */
+            if (lock_or_raise(self, p2, self->timeout) < 0) return NULL;
+            r = find_locked(self, p2, k, klen, h, s0, &so, &eo, &fr);
+            if (r == 0 && eo) r = put_here(self, p2, so, eo, k, klen, (uint8_t)flags, h, s0, exp, value, update);
+            unlock_page(self, p2);
+            if (r < 0) return NULL;
+            if (eo) Py_RETURN_NONE;
+            continue;  /* deleted meanwhile: start over */
+        }
+        if (lock_or_raise(self, p1, self->timeout) < 0) return NULL;
+        int second = 0;
+        r = find_locked(self, p1, k, klen, h, s0, &so, &eo, &fr);
+        if (r < 0) goto out;
+        if (eo || p1 == p2) {
+            r = put_here(self, p1, eo ? so : fr, eo, k, klen, (uint8_t)flags, h, s0, exp, value, update);
+            goto out;
+        }
+        /* Not in p1; with p1 held nobody can insert it into p2, so what we see of p2
+         * now is final (-1: p2 was too busy, or failed a check). */
+        in2 = holds(self, po2, k, klen, h, s0);
+        if (in2 > 0) { r = 1; goto out; }
+        if (in2 < 0 || roomier == p2) {
+            if (p2 > p1) {  /* in index order: wait */
+                if (lock_or_raise(self, p2, self->timeout) < 0) { r = -1; goto out; }
+                second = 1;
+            } else {  /* against the order: only try */
+                int got = lock_recovering(self, p2, 0.0);
+                if (got < 0) { r = -1; goto out; }
+                if (got != LOCK_TIMEOUT) {
+                    second = 1;
+                    if (got == LOCK_DIRTY && rebuild(self, p2, NULL, 0, NULL, 0, 0) < 0) { r = -1; goto out; }
+                }
+            }
+        }
+        backoff = in2 < 0 && !second;
+        if (backoff) { r = 1; goto out; }
+        if (second) {
+            r = find_locked(self, p2, k, klen, h, s0, &so2, &eo2, &fr2);
+            if (r < 0) goto out;
+            if (eo2 || roomier == p2) {
+                r = put_here(self, p2, eo2 ? so2 : fr2, eo2, k, klen, (uint8_t)flags, h, s0, exp, value, update);
+                goto out;
+            }
+        }
+        r = put_here(self, p1, fr, 0, k, klen, (uint8_t)flags, h, s0, exp, value, update);
+    out:
+        if (second) unlock_page(self, p2);
+        unlock_page(self, p1);
+        if (r < 0) return NULL;
+        if (r == 0) Py_RETURN_NONE;
+        /* r == 1: look again */
+    }
+}
+
+/* remove(key) -> bool: delete the key; True if a live (unexpired) entry went
+ * (_pager.Pager.remove). */
+static PyObject *Pager_remove(Pager *self, PyObject *key) {
+    const char *k; Py_ssize_t klen;
+    if (check_open(self) < 0 || get_key(key, &k, &klen) < 0) return NULL;
+    for (;;) {
+        uint32_t h; Py_ssize_t p1, p2, s0, pages[2], np;
+        where(self, k, klen, &h, &p1, &p2, &s0);
+        int in1 = holds(self, page_off(self, p1), k, klen, h, s0);
+        int in2 = (in1 == 1 || p2 == p1) ? 0 : holds(self, page_off(self, p2), k, klen, h, s0);
+        if (in1 == 1) { pages[0] = p1; np = 1; }
+        else if (in2 == 1) { pages[0] = p2; np = 1; }
+        else if (in1 < 0 || in2 < 0) {  /* too busy to tell: look in both, locked in index order */
+            pages[0] = p1 < p2 ? p1 : p2; pages[1] = p1 < p2 ? p2 : p1; np = p1 == p2 ? 1 : 2;
+        } else Py_RETURN_FALSE;
+        Py_ssize_t locked = 0;
+        int r = 0, found = 0, live = 0;
+        for (; locked < np; locked++)
+            if (lock_or_raise(self, pages[locked], self->timeout) < 0) { r = -1; break; }
+        for (Py_ssize_t i = 0; r == 0 && i < locked && !found; i++) {
+            Py_ssize_t so, eo, fr, po = page_off(self, pages[i]);
+            if (find_locked(self, pages[i], k, klen, h, s0, &so, &eo, &fr) < 0) { r = -1; break; }
+            if (eo) {
+                double exp;
+                memcpy(&exp, (const char *)self->view.buf + eo, 8);
+                live = !(exp != 0.0 && exp <= now_wall());
+                bump_seq((char *)self->view.buf + po + OFF_SEQ);
+                kill_entry(self, po, so, eo);
+                bump_seq((char *)self->view.buf + po + OFF_SEQ);
+                found = 1;
+            }
+        }
+        while (locked > 0) unlock_page(self, pages[--locked]);
+        if (r < 0) return NULL;
+        if (found) return PyBool_FromLong(live);
+        if (np == 2 || (in1 < 0 || in2 < 0)) Py_RETURN_FALSE;  /* in neither page, with both locked */
+        /* deleted by someone else between the look and the lock: look again */
+    }
+}
+
+static PyObject *Pager_hold(Pager *self, PyObject *arg) {
+    Py_ssize_t page = PyLong_AsSsize_t(arg);
+    if (page == -1 && PyErr_Occurred()) return NULL;
+    if (check_open(self) < 0) return NULL;
+    if (page < -1 || page >= self->npages) {
+        PyErr_SetString(PyExc_ValueError, "page out of range");
+        return NULL;
+    }
+    if (lock_or_raise(self, page, self->timeout) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Pager_find_locked(Pager *self, PyObject *const *args, Py_ssize_t nargs) {
+    const char *k; Py_ssize_t klen, so, eo, fr;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "find_locked(page, key, hash, first_slot)");
+        return NULL;
+    }
+    if (check_open(self) < 0 || get_key(args[1], &k, &klen) < 0) return NULL;
+    Py_ssize_t page = PyLong_AsSsize_t(args[0]), s0 = PyLong_AsSsize_t(args[3]);
+    uint32_t h = (uint32_t)PyLong_AsUnsignedLong(args[2]);
+    if (PyErr_Occurred()) return NULL;
+    if (page < 0 || page >= self->npages || s0 < 0 || s0 >= self->nslots) {
+        PyErr_SetString(PyExc_ValueError, "page or slot out of range");
+        return NULL;
+    }
+    if (find_locked(self, page, k, klen, h, s0, &so, &eo, &fr) < 0) return NULL;
+    return Py_BuildValue("(nnn)", so, eo, fr);
+}
+
 static PyObject *Pager_close(Pager *self, PyObject *unused) {
     if (self->have_view) {
         PyBuffer_Release(&self->view);
         self->have_view = 0;
     }
+    Py_CLEAR(self->host);
     Py_RETURN_NONE;
 }
 
 static int Pager_init(Pager *self, PyObject *args, PyObject *kw) {
-    PyObject *mm; unsigned long seed; Py_ssize_t npages, page_size, nslots, max_used;
-    static char *kwlist[] = {"mm", "seed", "npages", "page_size", "nslots", "max_used", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "Oknnnn", kwlist, &mm, &seed, &npages,
-                                     &page_size, &nslots, &max_used))
+    PyObject *mm, *host; unsigned long seed; Py_ssize_t npages, page_size, nslots, max_used; double timeout;
+    static char *kwlist[] = {"mm", "seed", "npages", "page_size", "nslots", "max_used", "host",
+                             "lock_timeout", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OknnnnOd", kwlist, &mm, &seed, &npages,
+                                     &page_size, &nslots, &max_used, &host, &timeout))
         return -1;
     if (npages < 1 || nslots < 1 || page_size < 4096 || max_used < 1 || max_used >= nslots) {
         PyErr_SetString(PyExc_ValueError, "bad geometry");
@@ -546,6 +1111,13 @@ static int Pager_init(Pager *self, PyObject *args, PyObject *kw) {
         return -1;
     }
     self->seed = (uint32_t)seed;
+    if (learn_fixed_words(self) < 0) {
+        Pager_close(self, NULL);
+        return -1;
+    }
+    Py_INCREF(host);
+    self->host = host;
+    self->timeout = timeout;
     self->npages = npages; self->page_size = page_size; self->nslots = nslots;
     self->max_used = max_used;
     self->d0 = PAGE_HDR_SIZE + (nslots << SLOT_SHIFT);
@@ -562,14 +1134,18 @@ static PyMethodDef Pager_methods[] = {
     {"find", (PyCFunction)(void (*)(void))Pager_find, METH_FASTCALL, "find(po, key, hash, s0) -> (so, eo, free)"},
     {"holds", (PyCFunction)(void (*)(void))Pager_holds, METH_FASTCALL,
      "holds(po, key, hash, s0) -> 1 | 0 | -1 (too busy to tell)"},
-    {"locate", (PyCFunction)Pager_locate, METH_O, "locate(key) -> (hash, p1, p2, s0, page | -1 none | -2 unknown, roomier page)"},
     {"read", (PyCFunction)Pager_read, METH_O, "read(key) -> value bytes | None (absent or expired) | False (contended)"},
     {"lock", (PyCFunction)(void (*)(void))Pager_lock, METH_FASTCALL,
      "lock(page, timeout) -> a _locks.Locked value (SOUND, DIRTY: repair first, TIMEOUT, WEDGED)"},
     {"unlock", (PyCFunction)Pager_unlock, METH_O, "unlock(page)"},
     {"bump", (PyCFunction)Pager_bump, METH_O, "bump(page_offset): seq += 1 (odd: begin, even: end)"},
-    {"append", (PyCFunction)(void (*)(void))Pager_append, METH_FASTCALL,
-     "append(po, so, old_eo, key, flags, hash, value, expire_at, bracket) -> bool"},
+    {"hold", (PyCFunction)Pager_hold, METH_O, "hold(page): lock for a change (repairs; raises host.timeout)"},
+    {"find_locked", (PyCFunction)(void (*)(void))Pager_find_locked, METH_FASTCALL,
+     "find_locked(page, key, hash, s0) -> (so, eo, free), repairing a page that fails a check"},
+    {"put", (PyCFunction)(void (*)(void))Pager_put, METH_FASTCALL,
+     "put(key, flags, expire_at, value, update): store value, or update(old) -> bytes"},
+    {"remove", (PyCFunction)Pager_remove, METH_O, "remove(key) -> True if a live entry went"},
+    {"rebuild", (PyCFunction)Pager_rebuild, METH_O, "rebuild(page): repair a locked page through the spare"},
     {"walk", (PyCFunction)(void (*)(void))Pager_walk, METH_FASTCALL,
      "walk(po, page) -> (list of (off, span, vlen, key, hash, flags, expire_at, dead), end)"},
     {"close", (PyCFunction)Pager_close, METH_NOARGS, "release the mapping"},
@@ -604,14 +1180,17 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     }
     /* the constants this file compiles in, for a test that they equal _layout's */
     PyObject *layout = Py_BuildValue(
-        "{sisisisisisisisisisisisisisisisisisisisisisisi}",
+        "{sisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisi}",
         "HEADER_SIZE", HEADER_SIZE, "OFF_LOCK", OFF_LOCK, "LOCK_SIZE", LOCK_SIZE, "OFF_SEQ", OFF_SEQ,
         "OFF_COUNTS", OFF_COUNTS, "OFF_ENTRIES", OFF_ENTRIES, "OFF_USED", OFF_USED, "OFF_BUMP", OFF_BUMP,
         "OFF_DEADBYTES", OFF_DEADBYTES, "PAGE_HDR_SIZE", PAGE_HDR_SIZE, "SLOT_SHIFT", SLOT_SHIFT,
         "ENTRY_SIZE", ENTRY_SIZE, "ENTRY_CRC_SPAN", ENTRY_CRC_SPAN, "OFF_E_HASH", OFF_E_HASH,
         "OFF_E_VLEN", OFF_E_VLEN, "OFF_E_KLEN", OFF_E_KLEN, "OFF_E_FLAGS", OFF_E_FLAGS,
         "OFF_DEAD", OFF_DEAD, "OFF_E_CRC", OFF_E_CRC, "SLOT_EMPTY", SLOT_EMPTY, "SLOT_TOMB", SLOT_TOMB,
-        "DAMAGED", DAMAGED, "TICKS_PER_SECOND", 16);
+        "DAMAGED", DAMAGED, "TICKS_PER_SECOND", 16, "SLOT_TICK", SLOT_TICK, "OFF_EVICTIONS", OFF_EVICTIONS,
+        "FLAG_STR_KEY", FLAG_STR_KEY, "SPARE_STATE_OFF", SPARE_STATE_OFF, "SPARE_EMPTY", SPARE_EMPTY,
+        "SPARE_VALID", SPARE_VALID, "OFF_SPARE_TARGET", OFF_SPARE_TARGET, "OFF_SPARE_END", OFF_SPARE_END,
+        "OFF_SPARE_CRC", OFF_SPARE_CRC);
     if (!layout || PyModule_AddObject(m, "LAYOUT", layout) < 0) {
         Py_XDECREF(layout);
         Py_DECREF(m);
@@ -621,6 +1200,13 @@ PyMODINIT_FUNC PyInit__speedups(void) {
                                      "TIMEOUT", LOCK_TIMEOUT, "WEDGED", LOCK_WEDGED);
     if (!locked || PyModule_AddObject(m, "LOCKED", locked) < 0) {
         Py_XDECREF(locked);
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyObject *tuning = Py_BuildValue("{sdsdsi}", "HOLDER_CHECK_AFTER", HOLDER_CHECK_AFTER,
+                                     "INSERT_BACKOFF", INSERT_BACKOFF_US * 1e-6, "READ_TRIES", READ_TRIES);
+    if (!tuning || PyModule_AddObject(m, "TUNING", tuning) < 0) {
+        Py_XDECREF(tuning);
         Py_DECREF(m);
         return NULL;
     }

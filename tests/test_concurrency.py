@@ -237,16 +237,16 @@ def test_threads_of_a_forked_child_reopen_the_store_once(tmp_path: Path) -> None
     assert store.check() == []
 
 
-def test_writer_killed_mid_compaction_page_is_restored_from_the_spare(tmp_path: Path) -> None:
+def test_writer_killed_mid_compaction_page_is_restored_from_the_spare(make_store: Any, pager_impl: str) -> None:
     """Kill a writer exactly while it copies a compacted image over its page (after
     marking the spare valid, with the page half overwritten): the next locker
-    restores the page from the spare and nothing acknowledged is lost."""
+    restores the page from the spare and nothing acknowledged is lost.  The writer
+    runs the reference pager (its lines can be traced); the next locker runs each."""
     import linecache
 
-    from prefork_sessions import _store
+    from prefork_sessions import _pager, _store, _upkeep
 
-    path = tmp_path / "s"
-    store = MmapStore(path, cache_size=8 << 10, page_size=8 << 10, serializer="raw")  # one page
+    store = make_store(cache_size=8 << 10, page_size=8 << 10, serializer="raw")  # one page
     for i in range(5):
         store.set(f"k{i}", bytes([65 + i]) * 1000)
     for i in range(2):
@@ -254,22 +254,25 @@ def test_writer_killed_mid_compaction_page_is_restored_from_the_spare(tmp_path: 
     expected = {f"k{i}": store.get(f"k{i}") for i in range(5)}
 
     def child() -> None:
+        _store.FastPager = _pager.Pager  # type: ignore[misc]
+        writer = MmapStore(store.path, serializer="raw")
+
         def trace(frame: Any, event: str, arg: Any) -> Any:
-            if frame.f_code.co_filename != _store.__file__ or frame.f_code.co_name != "_install":
+            if frame.f_code.co_filename != _upkeep.__file__ or frame.f_code.co_name != "install":
                 return None
 
             def line(frame: Any, event: str, arg: Any) -> Any:
                 text = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
                 if event == "line" and "= body" in text and "spare" not in text:  # the copy over the page
                     po = frame.f_locals["po"]
-                    store._mm[po + L.OFF_COUNTS:po + 3000] = b"\xee" * (3000 - L.OFF_COUNTS)  # type: ignore[index]
+                    frame.f_locals["mm"][po + L.OFF_COUNTS:po + 3000] = b"\xee" * (3000 - L.OFF_COUNTS)
                     os.kill(os.getpid(), signal.SIGKILL)
                 return line
 
             return line
 
         sys.settrace(trace)
-        store.set("new", b"N" * 2500)  # in flight when killed
+        writer.set("new", b"N" * 2500)  # in flight when killed
 
     pid = fork(child)
     status = os.waitpid(pid, 0)[1]

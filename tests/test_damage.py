@@ -229,11 +229,13 @@ def test_random_byte_damage_stays_in_its_page(make_store: Make, seed: int) -> No
 
 def test_both_pagers_read_damaged_pages_alike(tmp_path: Path) -> None:
     """The C pager and the reference agree on every damaged page: the same whole
-    entries from walk(), the same probe results from find() (DAMAGED included)."""
+    entries from walk(), the same probe results from find() (DAMAGED included), and
+    the same page after rebuild() repairs it."""
     import mmap as mmap_mod
 
     from prefork_sessions import _pager, _speedups
     from prefork_sessions._locks import Locked
+    from prefork_sessions._store import _Host
 
     assert _speedups.LAYOUT == {name: getattr(L, name) for name in _speedups.LAYOUT}  # one definition
     assert _speedups.LOCKED == {state.name: state.value for state in Locked}
@@ -245,6 +247,22 @@ def test_both_pagers_read_damaged_pages_alike(tmp_path: Path) -> None:
         store.set(k, rnd.randbytes(rnd.randrange(200)))
     snapshot = path.read_bytes()
     geo = (store._seed, store.num_pages, PAGE, store._nslots, store._max_used)
+
+    def rebuilt(pager: Any, mm: mmap_mod.mmap, data: bytes, page: int) -> bytes:
+        """The page as ``pager`` rebuilds it from ``data``, slot ticks (a clock) zeroed."""
+        mm[:] = data
+        pager.lock(page, 5.0)
+        try:
+            pager.rebuild(page)
+        finally:
+            pager.unlock(page)
+        po = L.page_offset(PAGE, page)
+        image = bytearray(mm[po + L.OFF_COUNTS:po + PAGE])
+        for i in range(store._nslots):
+            at = L.PAGE_HDR_SIZE - L.OFF_COUNTS + (i << L.SLOT_SHIFT) + L.SLOT_TICK
+            image[at:at + 4] = bytes(4)
+        return bytes(image)
+
     for case in range(300):
         data = bytearray(snapshot)
         for _ in range(rnd.choice((1, 2, 6))):
@@ -253,7 +271,8 @@ def test_both_pagers_read_damaged_pages_alike(tmp_path: Path) -> None:
         path.write_bytes(bytes(data))
         with open(path, "r+b") as f:
             mm = mmap_mod.mmap(f.fileno(), 0)
-            c, py = _speedups.Pager(mm, *geo), _pager.Pager(mm, *geo)
+            host = _Host(str(path), 5.0, mm, f.fileno(), PAGE)
+            c, py = _speedups.Pager(mm, *geo, host, 5.0), _pager.Pager(mm, *geo, host, 5.0)
             try:
                 for page in range(4):
                     po = L.page_offset(PAGE, page)
@@ -263,6 +282,8 @@ def test_both_pagers_read_damaged_pages_alike(tmp_path: Path) -> None:
                         for p in (p1, p2):
                             q = L.page_offset(PAGE, p)
                             assert c.find(q, k, h, s0) == py.find(q, k, h, s0), (case, k)
+                for page in range(4):  # and repair it to the same page, byte for byte
+                    assert rebuilt(c, mm, data, page) == rebuilt(py, mm, data, page), (case, page)
             finally:
                 c.close()
                 py.close()
