@@ -19,6 +19,7 @@ from typing import Literal
 from zlib import crc32
 
 from . import _layout as L
+from ._args import MAX_KEY_SIZE
 from ._layout import pages_of
 from ._locks import HOLDER_CHECK_AFTER, Locked, Mutexes
 from ._upkeep import Host, Upkeep
@@ -129,9 +130,26 @@ class Pager:
         _, _, b2, d2 = L.COUNTS.unpack_from(mm, L.page_offset(self._ps, p2) + L.OFF_COUNTS)
         return p2 if b2 - d2 + (self._ps >> 5) < b1 - d1 else p1
 
-    def read(self, kb: bytes) -> bytes | None | Literal[False]:
+    def key_of(self, key: object) -> tuple[bytes, int]:
+        """(bytes, flags) of a store key: an exact str (UTF-8, FLAG_STR_KEY) or bytes
+        up to MAX_KEY_SIZE as they are; anything else goes to ``host.key``, which
+        converts it or raises the store's error."""
+        if type(key) is str:
+            try:
+                kb = key.encode()
+            except UnicodeEncodeError:
+                kb = b"\0" * (MAX_KEY_SIZE + 1)
+            if len(kb) <= MAX_KEY_SIZE:
+                return kb, L.FLAG_STR_KEY
+        elif type(key) is bytes and len(key) <= MAX_KEY_SIZE:
+            return key, 0
+        kb, was_str = self._host.key(key)
+        return kb, L.FLAG_STR_KEY if was_str else 0
+
+    def read(self, key: str | bytes) -> bytes | None | Literal[False]:
         """Lock-free read: the raw value, None (absent or expired), or False
         when writers kept the pages busy (the caller then reads under the lock)."""
+        kb = self.key_of(key)[0]
         mm, w = self._mm, self._w
         assert mm is not None and w is not None
         seq, u32 = w.u64, w.u32
@@ -286,15 +304,19 @@ class Pager:
                 raise self._host.meddled(page)
         return found
 
-    def put(self, kb: bytes, flags: int, exp_at: float, vb: bytes, update: Update | None) -> None:
+    def put(self, key: str | bytes, vb: bytes, life: float, update: Update | None) -> None:
         """Store ``vb`` (or ``update(old raw value or None)``, run with the page
-        locked) under ``kb``.
+        locked) under ``key`` for ``life`` seconds (0: never).
 
         A key's first page is its home: every insert of the key locks it first,
         so two inserts of one key cannot race, and an update locks only the page
         that holds it (``_layout`` invariant 6).  A new key goes to the roomier
         page; its second page is locked too only then, waiting only in index order
         and otherwise just trying (a busy second page: stay home)."""
+        kb, flags = self.key_of(key)
+        if update is None and L.ENTRY_SIZE + len(kb) + len(vb) > self._ps - self._d0:
+            raise self._host.too_large(len(kb), len(vb))
+        exp_at = time.time() + life if life > 0 else 0.0
         backoff = False
         while True:
             if backoff:  # p2 stayed busy and p1 is released: let its holder finish
@@ -382,6 +404,8 @@ class Pager:
         if update is not None:
             old, so, eo = self._old_value(page, so, eo, kb, h, s0)
             vb = update(old)  # user code: the page is locked but unchanged
+            if L.ENTRY_SIZE + len(kb) + len(vb) > self._ps - self._d0:
+                raise self._host.too_large(len(kb), len(vb))  # the old value stays
         po = L.page_offset(self._ps, page)
         self.bump(po)
         done = self.append(po, so, eo, kb, flags, h, vb, exp_at)
@@ -389,8 +413,9 @@ class Pager:
         if not done:  # no room or no slot: rebuild the page with the new entry in it
             self._upkeep.rebuild(page, (kb, L.pack_entry(exp_at, h, flags, kb, vb), h))
 
-    def remove(self, kb: bytes) -> bool:
-        """Delete ``kb``; True if a live (unexpired) entry went."""
+    def remove(self, key: str | bytes) -> bool:
+        """Delete ``key``; True if a live (unexpired) entry went."""
+        kb = self.key_of(key)[0]
         while True:
             h, p1, p2, s0 = self.where(kb)
             in1 = self.holds(L.page_offset(self._ps, p1), kb, h, s0)

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Self
 
 from . import _layout as L
-from ._args import MAX_KEY_SIZE, key_bytes, lifetime, size, timeout
+from ._args import key_bytes, lifetime, size, timeout
 from ._errors import (
     FileFormatError,
     InvalidArgumentError,
@@ -51,9 +51,6 @@ DEFAULT_LOCK_TIMEOUT = 10.0
 _entry_at = L.ENTRY.unpack_from
 
 _live_stores: weakref.WeakSet[MmapStore] = weakref.WeakSet()
-# A str key shorter than this is under MAX_KEY_SIZE in UTF-8 (at most 4 bytes a
-# character), so get() and set() encode it inline instead of calling key_bytes().
-_SHORT_KEY = (MAX_KEY_SIZE + 1) // 4
 
 
 def _after_fork_in_child() -> None:
@@ -89,8 +86,9 @@ class _Host:
     """What the pager of one open file asks of its store (``_upkeep.Host``): the
     errors to raise, naming the file, and resetting a damaged lock."""
 
-    def __init__(self, path: str, lock_timeout: float, mm: mmap.mmap, fd: int, page_size: int) -> None:
-        self._path, self._lock_timeout, self._mm, self._fd, self._ps = path, lock_timeout, mm, fd, page_size
+    def __init__(self, path: str, lock_timeout: float, mm: mmap.mmap, fd: int, page_size: int, slots: int) -> None:
+        self._path, self._lock_timeout, self._mm, self._fd = path, lock_timeout, mm, fd
+        self._ps, self._slots = page_size, slots
 
     def timeout(self, page: int) -> LockTimeoutError:
         return LockTimeoutError(
@@ -105,6 +103,17 @@ class _Host:
             "something other than prefork_sessions is writing to the file. Stop it, or move the "
             "store to a path only this application uses."
         )
+
+    def too_large(self, klen: int, vlen: int) -> ValueTooLargeError:
+        biggest = self._ps - L.data_start(self._slots) - L.ENTRY_SIZE
+        return ValueTooLargeError(
+            f"value of {vlen} bytes (key {klen} bytes) cannot fit in a page of {self._ps} bytes: "
+            f"the largest entry is {biggest} bytes of key plus value. Store less, or create the "
+            "store file with a larger page_size."
+        )
+
+    def key(self, key: object) -> tuple[bytes, bool]:
+        return key_bytes(key)
 
     def recover(self, page: int, wedged: bool) -> None:
         recover(self._mm, self._fd, L.page_offset(self._ps, page) + L.OFF_LOCK, wedged)
@@ -169,7 +178,7 @@ class MmapStore:
             raise
         self._max_used = int(geo.slots * L.MAX_LOAD)
         self._w = L.Words(mm)
-        host = _Host(self.path, self._lock_timeout, mm, fd, geo.page_size)
+        host = _Host(self.path, self._lock_timeout, mm, fd, geo.page_size, geo.slots)
         self._pager = FastPager(mm, geo.seed, geo.num_pages, geo.page_size, geo.slots, self._max_used,
                                 host, self._lock_timeout)
         self._upkeep = Upkeep(self._pager, host, mm, self._w, geo.seed, geo.num_pages, geo.page_size,
@@ -254,20 +263,9 @@ class MmapStore:
 
     # ------------------------------------------------------------------ helpers
 
-    def _expire_at(self, expire: float | None) -> float:
-        life = self._expire if expire is None else lifetime(expire)
-        return time.time() + life if life else 0.0
-
     def _key(self, key: object) -> tuple[bytes, int]:
         kb, was_str = key_bytes(key)
         return kb, L.FLAG_STR_KEY if was_str else 0
-
-    def _too_large(self, kb: bytes, vb: bytes) -> ValueTooLargeError:
-        return ValueTooLargeError(
-            f"value of {len(vb)} bytes (key {len(kb)} bytes) cannot fit in a page of "
-            f"{self.page_size} bytes: the largest entry is {self._max_entry - L.ENTRY_SIZE} bytes "
-            f"of key plus value. Store less, or create the store file with a larger page_size."
-        )
 
     # ------------------------------------------------------------------ locking
 
@@ -289,11 +287,12 @@ class MmapStore:
 
     # ------------------------------------------------------------------ lookup
 
-    def _read_locked(self, kb: bytes) -> bytes | None:
+    def _read_locked(self, key: object) -> bytes | None:
         """Read under the page locks, when writers kept the lock-free read from settling.
 
         With the pages locked the read settles at once unless a page fails its
         checks (damage from outside the store): it is repaired, then read again."""
+        kb = self._pager.key_of(key)[0]
         _, p1, p2, _ = self._pager.where(kb)
         pages = self._lock_pages(p1, p2)
         try:
@@ -313,15 +312,11 @@ class MmapStore:
         """The value stored under ``key``, or ``default`` when missing or expired."""
         if self._busy:
             self._busy.check()
-        try:  # the common key: a short str
-            kb = key.encode() if type(key) is str and len(key) < _SHORT_KEY else self._key(key)[0]
-        except UnicodeEncodeError:
-            kb = self._key(key)[0]  # raises InvalidArgumentError
         if self._mm is None:
             self._revive()
-        found = self._pager.read(kb)
+        found = self._pager.read(key)
         if found is False:
-            found = self._read_locked(kb)
+            found = self._read_locked(key)
         if found is None:
             self._misses += 1
             return default
@@ -336,12 +331,11 @@ class MmapStore:
     def __contains__(self, key: object) -> bool:
         if self._busy:
             self._busy.check()
-        kb = self._key(key)[0]
         if self._mm is None:
             self._revive()
-        found = self._pager.read(kb)
+        found = self._pager.read(key)  # type: ignore[arg-type]  # the pager's host checks odd keys
         if found is False:
-            found = self._read_locked(kb)
+            found = self._read_locked(key)
         return found is not None
 
     def set(self, key: str | bytes, value: Any, expire: float | None = None) -> None:
@@ -351,20 +345,15 @@ class MmapStore:
         """
         if self._busy:
             self._busy.check()
-        try:
-            kb, flags = (key.encode(), L.FLAG_STR_KEY) if type(key) is str and len(key) < _SHORT_KEY else self._key(key)
-        except UnicodeEncodeError:
-            kb, flags = self._key(key)  # raises InvalidArgumentError
+        if type(key) is not str and type(key) is not bytes:
+            key = self._key(key)[0]  # raises for a key that is neither: before serialising
         try:
             vb = self._dumps(value)
         except Exception as e:
             raise self._codec.encode_error(key, e) from e
-        if L.ENTRY_SIZE + len(kb) + len(vb) > self._max_entry:
-            raise self._too_large(kb, vb)
-        life = self._expire if expire is None else lifetime(expire)
         if self._mm is None:
             self._revive()
-        self._pager.put(kb, flags, time.time() + life if life else 0.0, vb, None)
+        self._pager.put(key, vb, self._expire if expire is None else lifetime(expire), None)
 
     def get_and_set(self, key: str | bytes, fn: Callable[[Any], Any], expire: float | None = None) -> Any:
         """Atomically store and return ``fn(current value or None)``.
@@ -374,31 +363,29 @@ class MmapStore:
         """
         if self._busy:
             self._busy.check()
-        kb, flags = self._key(key)
-        exp_at = self._expire_at(expire)
+        if type(key) is not str and type(key) is not bytes:
+            key = self._key(key)[0]
+        life = self._expire if expire is None else lifetime(expire)
         result: list[Any] = []
 
         def update(old: bytes | None) -> bytes:
             new = self._busy.run(fn, None if old is None else self._codec.decode(old, self.path))
             vb = self._codec.encode(key, new)
-            if L.ENTRY_SIZE + len(kb) + len(vb) > self._max_entry:
-                raise self._too_large(kb, vb)
             result.append(new)
             return vb
 
         if self._mm is None:
             self._revive()
-        self._pager.put(kb, flags, exp_at, b"", update)
+        self._pager.put(key, b"", life, update)
         return result[-1]
 
     def delete(self, key: str | bytes) -> bool:
         """Remove ``key``; True if a live (unexpired) entry was removed."""
         if self._busy:
             self._busy.check()
-        kb = self._key(key)[0]
         if self._mm is None:
             self._revive()
-        return self._pager.remove(kb)
+        return self._pager.remove(key)
 
     def _add_counter(self, at: int, n: int) -> None:
         self._w.u64[at >> 3] += n
