@@ -22,7 +22,7 @@ from . import _layout as L
 from ._args import MAX_KEY_SIZE
 from ._layout import pages_of
 from ._locks import HOLDER_CHECK_AFTER, Locked, Mutexes
-from ._upkeep import Host, Upkeep
+from ._upkeep import Host, Tracer, Upkeep
 
 READ_TRIES = 4
 INSERT_BACKOFF = 50e-6  # seconds an insert waits before trying again when its second page stayed busy
@@ -292,6 +292,10 @@ class Pager:
     def rebuild(self, page: int) -> None:
         """Repair a locked page (``Upkeep.rebuild``)."""
         self._upkeep.rebuild(page)
+
+    def trace(self, tracer: Tracer | None) -> None:
+        """Tell ``tracer`` the steps of every page rewrite from now on (None: stop)."""
+        self._upkeep.tracer = tracer
 
     def find_locked(self, page: int, kb: bytes, h: int, s0: int) -> tuple[int, int, int]:
         """``find`` on a locked page, repairing the page first if it fails a check."""

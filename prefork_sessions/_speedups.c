@@ -13,6 +13,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <time.h>
+#include <math.h>
 #include <zlib.h>
 
 /* _layout's constants; LAYOUT (below) exports them and a test asserts they equal _layout's */
@@ -157,6 +158,7 @@ typedef struct {
     Py_ssize_t npages, page_size, nslots, max_used, d0;
     PyObject *host;      /* _upkeep.Host: errors to raise, damaged locks to reset */
     double timeout;      /* lock_timeout, seconds */
+    PyObject *tracer;    /* None, or told the steps of page rewrites (_upkeep.Step) */
     int nfixed;          /* words of an unlocked mutex that locking never changes (_locks.fixed_words) */
     uint32_t fixed_at[LOCK_SIZE / 4], fixed[LOCK_SIZE / 4];
 } Pager;
@@ -808,6 +810,19 @@ static int survey(Pager *self, Py_ssize_t page, Py_ssize_t po, Ent **live, Py_ss
 
 static int lock_or_raise(Pager *self, Py_ssize_t page, double timeout);
 
+/* _upkeep.Step */
+#define STEP_MAKE_ROOM 1
+#define STEP_EVICT 2
+#define STEP_COMPACT 3
+#define STEP_REPAIR 4
+
+static void trace(Pager *self, int step, int entering) {
+    if (!self->tracer) return;
+    PyObject *r = PyObject_CallFunction(self->tracer, "iO", step, entering ? Py_True : Py_False);
+    if (r) Py_DECREF(r);
+    else PyErr_WriteUnraisable(self->tracer);
+}
+
 /* With the spare locked: finish a page replacement a dead process left half-copied,
  * only onto a page whose seq is odd and only an image whose checksum holds
  * (_upkeep.Upkeep.settle_spare). */
@@ -837,12 +852,15 @@ static int rebuild(Pager *self, Py_ssize_t page, const char *nb, Py_ssize_t nlen
                    Py_ssize_t nklen, uint32_t nh) {
     char *buf = (char *)self->view.buf;
     Py_ssize_t po = page_off(self, page), ps = self->page_size, nslots = self->nslots;
+    int step = nb ? STEP_MAKE_ROOM : STEP_REPAIR;
     if (lock_or_raise(self, -1, self->timeout) < 0) return -1;
+    trace(self, step, 1);
     settle_spare(self);  /* first: a dead writer may have been replacing this page */
     Ent *live; Py_ssize_t n; int unsound;
     char *img = PyMem_Calloc(1, (size_t)ps);
     if (!img || survey(self, page, po, &live, &n, &unsound) < 0) {
         PyMem_Free(img);
+        trace(self, step, 0);
         unlock_page(self, -1);
         if (!PyErr_Occurred()) PyErr_NoMemory();
         return -1;
@@ -868,6 +886,7 @@ static int rebuild(Pager *self, Py_ssize_t page, const char *nb, Py_ssize_t nlen
         memmove(live, live + drop, sizeof(Ent) * (size_t)(keep - drop));
         keep -= drop;
         qsort(live, (size_t)keep, sizeof(Ent), ent_by_off);
+        if (evicted) trace(self, STEP_EVICT, 1);
     }
     /* the image: kept entries in data order, then the new one; slots by probing */
     Py_ssize_t pos = self->d0;
@@ -900,6 +919,7 @@ static int rebuild(Pager *self, Py_ssize_t page, const char *nb, Py_ssize_t nlen
      * page, copied over the page, the spare marked empty */
     char *spare = buf + page_off(self, -1), *pg = buf + po;
     if (!(load_seq(pg + OFF_SEQ) & 1)) bump_seq(pg + OFF_SEQ);
+    trace(self, STEP_COMPACT, 1);
     memcpy(spare + OFF_COUNTS, img + OFF_COUNTS, end - OFF_COUNTS);
     store32(buf + OFF_SPARE_TARGET, (uint32_t)page);
     store32(buf + OFF_SPARE_END, end);
@@ -908,8 +928,11 @@ static int rebuild(Pager *self, Py_ssize_t page, const char *nb, Py_ssize_t nlen
     __atomic_store_n((uint32_t *)(buf + SPARE_STATE_OFF), SPARE_VALID, __ATOMIC_RELEASE);
     memcpy(pg + OFF_COUNTS, img + OFF_COUNTS, (size_t)(ps - OFF_COUNTS));
     __atomic_store_n((uint32_t *)(buf + SPARE_STATE_OFF), SPARE_EMPTY, __ATOMIC_RELEASE);
+    trace(self, STEP_COMPACT, 0);
     bump_seq(pg + OFF_SEQ);
     PyMem_Free(img);
+    if (evicted) trace(self, STEP_EVICT, 0);
+    trace(self, step, 0);
     unlock_page(self, -1);
     return 0;
 }
@@ -1205,6 +1228,11 @@ static PyObject *remove_key(Pager *self, const char *k, Py_ssize_t klen) {
     }
 }
 
+static PyObject *Pager_trace(Pager *self, PyObject *tracer) {
+    Py_XSETREF(self->tracer, tracer == Py_None ? NULL : Py_NewRef(tracer));
+    Py_RETURN_NONE;
+}
+
 static PyObject *Pager_key_of(Pager *self, PyObject *key) {
     const char *k; Py_ssize_t klen; uint8_t flags; PyObject *owned;
     if (key_of(self, key, &k, &klen, &flags, &owned) < 0) return NULL;
@@ -1249,6 +1277,7 @@ static PyObject *Pager_close(Pager *self, PyObject *unused) {
         self->have_view = 0;
     }
     Py_CLEAR(self->host);
+    Py_CLEAR(self->tracer);
     Py_RETURN_NONE;
 }
 
@@ -1301,6 +1330,7 @@ static PyMethodDef Pager_methods[] = {
      "lock(page, timeout) -> a _locks.Locked value (SOUND, DIRTY: repair first, TIMEOUT, WEDGED)"},
     {"unlock", (PyCFunction)Pager_unlock, METH_O, "unlock(page)"},
     {"bump", (PyCFunction)Pager_bump, METH_O, "bump(page_offset): seq += 1 (odd: begin, even: end)"},
+    {"trace", (PyCFunction)Pager_trace, METH_O, "trace(tracer | None): tell tracer(step, entering) the steps of rewrites"},
     {"key_of", (PyCFunction)Pager_key_of, METH_O, "key_of(key) -> (bytes, flags), or the store's key error"},
     {"hold", (PyCFunction)Pager_hold, METH_O, "hold(page): lock for a change (repairs; raises host.timeout)"},
     {"find_locked", (PyCFunction)(void (*)(void))Pager_find_locked, METH_FASTCALL,
@@ -1327,7 +1357,53 @@ static PyTypeObject PagerType = {
     .tp_doc = "Hot-path access to a mapped store file (C version of _pager.Pager).",
 };
 
+/* Is a NaN or infinite float anywhere in a value orjson serialised (it writes them
+ * as null)?  _serializers._has_non_finite is the reference: floats, dict keys and
+ * values, list and tuple items, and the value of an instance of enum_type. */
+static int non_finite(PyObject *o, PyObject *enum_type) {
+    if (PyFloat_Check(o)) return !isfinite(PyFloat_AS_DOUBLE(o));
+    if (PyDict_Check(o)) {
+        Py_ssize_t pos = 0;
+        PyObject *k, *v;
+        while (PyDict_Next(o, &pos, &k, &v)) {
+            int r = non_finite(k, enum_type);
+            if (r == 0) r = non_finite(v, enum_type);
+            if (r) return r;
+        }
+        return 0;
+    }
+    if (PyList_Check(o) || PyTuple_Check(o)) {
+        PyObject *seq = PySequence_Fast(o, "");
+        if (!seq) return -1;
+        int r = 0;
+        for (Py_ssize_t i = 0; r == 0 && i < PySequence_Fast_GET_SIZE(seq); i++)
+            r = non_finite(PySequence_Fast_GET_ITEM(seq, i), enum_type);
+        Py_DECREF(seq);
+        return r;
+    }
+    if (PyLong_Check(o) || PyUnicode_Check(o) || o == Py_None || PyBool_Check(o)) return 0;
+    int is_enum = PyObject_IsInstance(o, enum_type);
+    if (is_enum <= 0) return is_enum;
+    PyObject *value = PyObject_GetAttrString(o, "value");
+    if (!value) return -1;
+    int r = non_finite(value, enum_type);  /* depth: orjson serialised it, so at most 255 levels */
+    Py_DECREF(value);
+    return r;
+}
+
+static PyObject *speedups_has_non_finite(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "has_non_finite(value, enum_type)");
+        return NULL;
+    }
+    int r = non_finite(args[0], args[1]);
+    if (r < 0) return NULL;
+    return PyBool_FromLong(r);
+}
+
 static PyMethodDef module_methods[] = {
+    {"has_non_finite", (PyCFunction)(void (*)(void))speedups_has_non_finite, METH_FASTCALL,
+     "has_non_finite(value, enum_type): a NaN or infinity anywhere in a JSON-able value"},
     {"crc32", (PyCFunction)(void (*)(void))speedups_crc32, METH_FASTCALL,
      "crc32(data, value=0): zlib.crc32, as the C pager computes it"},
     {NULL}
@@ -1374,7 +1450,7 @@ PyMODINIT_FUNC PyInit__speedups(void) {
         return NULL;
     }
     PyObject *tuning = Py_BuildValue("{sdsdsi}", "HOLDER_CHECK_AFTER", HOLDER_CHECK_AFTER,
-                                     "INSERT_BACKOFF", INSERT_BACKOFF_US * 1e-6, "READ_TRIES", READ_TRIES);
+                                     "INSERT_BACKOFF", INSERT_BACKOFF_US / 1e6, "READ_TRIES", READ_TRIES);
     if (!tuning || PyModule_AddObject(m, "TUNING", tuning) < 0) {
         Py_XDECREF(tuning);
         Py_DECREF(m);

@@ -12,6 +12,8 @@ from __future__ import annotations
 import mmap
 import time
 from array import array
+from collections.abc import Callable
+from enum import IntEnum
 from typing import NamedTuple, Protocol
 from zlib import crc32
 
@@ -42,6 +44,20 @@ class Entry(NamedTuple):
     flags: int
     exp: float  # expire_at, 0.0 = never
     dead: int
+
+
+class Step(IntEnum):
+    """The steps of a page rewrite a tracer is told about (``Pager.trace``): what
+    stress/crash.py aims its kills at, in both pagers."""
+
+    MAKE_ROOM = 1  # a rebuild for a new entry (dropping dead and expired ones first)
+    EVICT = 2  # ... that drops live entries too
+    COMPACT = 3  # the copy through the spare
+    REPAIR = 4  # a rebuild without a new entry: a dead writer's page, or damage
+
+
+Tracer = Callable[[Step, bool], None]
+"""Called with (step, True) as a step begins and (step, False) as it ends."""
 
 
 class Survey(NamedTuple):
@@ -82,6 +98,7 @@ class Upkeep:
         self._pages, self._host, self._mm, self._w = pages, host, mm, words
         self._seed, self._n, self._ps, self._nslots, self._max_used = seed, npages, page_size, nslots, max_used
         self._d0 = L.data_start(nslots)
+        self.tracer: Tracer | None = None
 
     def parse(self, page: int, po: int, off: int, limit: int, crc: bool) -> Entry | None:
         """The entry at ``off`` in a locked page if it is whole (``whole_entry``) and,
@@ -213,7 +230,11 @@ class Upkeep:
         finishes the copy.  Loses at most the write in flight, or damaged entries.
         Returns the problems the page had."""
         po = L.page_offset(self._ps, page)
+        step, tracer = Step.MAKE_ROOM if new else Step.REPAIR, self.tracer
+        gone: set[int] = set()
         self._pages.hold(L.SPARE_LOCK)
+        if tracer:
+            tracer(step, True)
         try:
             self.settle_spare()  # first: a dead writer may have been replacing this page
             live, atimes, problems = self.survey(page, po)
@@ -224,7 +245,6 @@ class Upkeep:
             room = self._ps - self._d0 - (len(new[1]) if new else 0)
             slots = self._max_used - (new is not None)  # a repair keeps more only after damage
             used = sum(e.span for e in keep)
-            gone: set[int] = set()
             if used > room or len(keep) > slots:
                 t = L.tick(now)
                 for e in sorted(keep, key=lambda e: (t - atimes.get(e.off, t)) & L.TICK_MASK, reverse=True):
@@ -233,14 +253,24 @@ class Upkeep:
                     gone.add(e.off)
                     used -= e.span
                 keep = [e for e in keep if e.off not in gone]
+                if tracer:
+                    tracer(Step.EVICT, True)
             odd = self._w.u64[(po + L.OFF_SEQ) >> 3] & 1
             recovered = int(new is None or bool(problems))
             img, end = self.image(po, keep, atimes, new[1:] if new else None, len(gone), expired, recovered)
             if not odd:
                 self._pages.bump(po)
+            if tracer:
+                tracer(Step.COMPACT, True)
             self.install(page, po, img, end)
+            if tracer:
+                tracer(Step.COMPACT, False)
             self._pages.bump(po)
         finally:
+            if tracer:
+                if gone:
+                    tracer(Step.EVICT, False)
+                tracer(step, False)
             self._pages.unlock(L.SPARE_LOCK)
         return problems
 
