@@ -104,16 +104,10 @@ LABELS = {
 }
 OPS = [SET_INSERT, SET_OVERWRITE, GAS, DELETE, PURGE, CHECK, CLEAR, B_SET, FILLER, JUNK]
 PHASES = [MAKE_ROOM, EVICT, COMPACT, REPAIR]
-# The store's internal steps a writer marks in its status byte (private methods of
-# MmapStore, wrapped in the writer process only; one that is missing is reported).
-# _rebuild rewrites a page through the spare: making room for a new entry (dropping
-# dead, expired and, if it must, live entries) when given one, else repairing it;
-# _install is the copy through the spare; _image says how many live entries the new
-# page leaves out (evictions).
-HOOKS: dict[str, Any] = {
-    "_rebuild": lambda a, kw: MAKE_ROOM if (a[2] if len(a) > 2 else kw.get("new")) else REPAIR,
-    "_install": COMPACT,
-}
+# The phases are the page-rewrite steps a pager tells its tracer (``Pager.trace``,
+# ``_upkeep.Step``): MAKE_ROOM is a rebuild for a new entry, REPAIR one without;
+# EVICT (inside MAKE_ROOM) begins once live entries are chosen to go and ends with
+# the rebuild; COMPACT is the copy through the spare (inside either).
 # Writer op mix (relative weights).  Long operations (purge, check, clear) are rare:
 # the supervisor hunts for them, so they still get their share of kills.
 MIX = {SET_INSERT: 30, GAS: 18, DELETE: 10, FILLER: 16, JUNK: 10, B_SET: 5,
@@ -164,17 +158,22 @@ class SelfKill:
 
 
 class Probe:
-    """In a writer: marks the store's internal steps in the writer's status byte while
-    they run (wrapping private methods of this process's MmapStore objects), and arms
-    the writer's SIGKILL inside the step the supervisor ordered (and inside some
-    repairs, unordered)."""
+    """In a writer: marks the store's page-rewrite steps in the writer's status byte
+    while they run (a tracer on the pager of each store it watches), and arms the
+    writer's SIGKILL inside the step the supervisor ordered (and inside some repairs,
+    unordered)."""
 
     def __init__(self, status: mmap.mmap, orders: mmap.mmap, idx: int, rnd: random.Random,
                  ns: argparse.Namespace) -> None:
+        from prefork_sessions._upkeep import Step
+
+        # The C pager passes the step as an int: an IntEnum key matches it.
+        self.bits: dict[int, int] = {Step.MAKE_ROOM: MAKE_ROOM, Step.EVICT: EVICT, Step.COMPACT: COMPACT, Step.REPAIR: REPAIR}
         self.status, self.orders, self.idx, self.rnd = status, orders, idx, rnd
         self.repair_kills, self.phase_time = ns.repair_kills, ns.phase_time
         self.timer = SelfKill()
         self.armed_by = -1  # the op or phase whose end disarms the timer
+        self.traced: dict[int, object] = {}  # id(store) -> the pager our tracer is on
 
     def arm(self, by: int, seconds: float) -> None:
         if self.armed_by < 0:
@@ -186,45 +185,26 @@ class Probe:
             self.timer.arm(0)
             self.armed_by = -1
 
-    def install(self, store: MmapStore) -> list[str]:
-        """Wrap ``store``'s steps; returns the names it lacks (those are not tracked)."""
+    def step(self, step: int, entering: bool) -> None:
+        """The pagers' tracer.  The C pager calls it with the page and the spare
+        locked: an armed kill then lands anywhere in the C code of the step."""
+        bit = self.bits[step]
+        idx = self.idx
+        if entering:
+            self.status[idx] |= bit
+            if self.orders[idx] == bit or (bit == REPAIR and self.rnd.random() < self.repair_kills):
+                self.arm(bit, self.rnd.uniform(1e-6, self.phase_time))
+        else:
+            self.disarm(bit)
+            self.status[idx] &= ~bit
 
-        status, orders, idx, rnd = self.status, self.orders, self.idx, self.rnd
-        missing = []
-        for name, bit in HOOKS.items():
-            real = getattr(store, name, None)
-            if real is None:
-                missing.append(name)
-                continue
-
-            def hooked(*a: Any, _real: Any = real, _which: Any = bit, **kw: Any) -> Any:
-                _bit = _which(a, kw) if callable(_which) else _which
-                before = status[idx]
-                status[idx] = before | _bit
-                if orders[idx] == _bit or (_bit == REPAIR and rnd.random() < self.repair_kills):
-                    self.arm(_bit, rnd.uniform(1e-6, self.phase_time))
-                try:
-                    return _real(*a, **kw)
-                finally:
-                    self.disarm(_bit)
-                    status[idx] = before
-
-            setattr(store, name, hooked)
-        real_image = getattr(store, "_image", None)
-        if real_image is None:
-            return [*missing, "_image"]
-
-        def image_hook(*a: Any, **kw: Any) -> Any:
-            """Inside make-room, an image that leaves out live entries is an eviction."""
-            evicted = kw["evicted"] if "evicted" in kw else a[4]
-            if status[idx] & MAKE_ROOM and evicted:
-                status[idx] |= EVICT
-                if orders[idx] == EVICT:
-                    self.arm(MAKE_ROOM, rnd.uniform(1e-6, self.phase_time))
-            return real_image(*a, **kw)
-
-        store._image = image_hook  # in this writer process only
-        return missing
+    def watch(self, store: MmapStore) -> None:
+        """Put the tracer on ``store``'s pager if it is not on it yet: every open
+        (``reopen()``, or the lazy reopen after fork) builds a new pager."""
+        pager = store._pager
+        if self.traced.get(id(store)) is not pager:
+            pager.trace(self.step)
+            self.traced[id(store)] = pager
 
 
 def writer(sup: Supervisor, slot: Slot) -> None:
@@ -237,8 +217,9 @@ def writer(sup: Supervisor, slot: Slot) -> None:
         os.nice(ns.nice)
     rnd = random.Random(f"{ns.seed}:{slot.index}:{slot.gen}")
     probe = Probe(status, sup.orders, idx, random.Random(rnd.random()), ns)
-    probe.install(store)
-    probe.install(bstore)
+    for st in (store, bstore):  # the parent's pagers went at fork: open our own now, and trace them
+        st.reopen()
+        probe.watch(st)
     present = {k: v != 0 for k, v in slot.acked.items()}
     version = slot.version
     w = slot.wfd
@@ -270,6 +251,8 @@ def writer(sup: Supervisor, slot: Slot) -> None:
         elif op in (FILLER, JUNK):
             key = f"w{idx}:g{slot.gen}:f{version}"
             value = C.make_value(key, idx, version, rnd.randrange(ns.max_pad))
+        probe.watch(store)  # a store that reopened since has a new, untraced pager
+        probe.watch(bstore)
         report(k, op | IN_FLIGHT)
         status[idx] = op
         if sup.orders[idx] == op:
@@ -401,22 +384,27 @@ class Supervisor:
                 continue
             value = C.make_value(key, -1, 0, rnd.randrange(40, self.ns.max_pad // 2))
             self.store.set(key, value, expire=0)
-            page = self.store._pager.locate(key.encode())[4]
-            count[page] += 1
-            self.bystanders[key] = (value, self.pages_of(key, page))
+            pages = self.pages_of(key)
+            count[pages[0]] += 1
+            self.bystanders[key] = (value, pages)
         self.by_ev_seen = self.page_evictions(0)
 
-    def pages_of(self, key: str, page: int) -> tuple[int, ...]:
-        """The page a key was seen in, or both candidates when that was not known."""
-        if page >= 0:
-            return (page,)
-        _, p1, p2, _ = self.store._pager.where(key.encode())
+    def pages_of(self, key: str) -> tuple[int, ...]:
+        """The page the first file holds a key in, or both candidates when the
+        lock-free probe could not tell (writers kept the page busy) or found it in neither."""
+        from prefork_sessions import _layout as L
+
+        pager, kb = self.store._pager, key.encode()
+        h, p1, p2, s0 = pager.where(kb)
+        for p in (p1, p2):
+            if pager.holds(L.page_offset(self.store.page_size, p), kb, h, s0) == 1:
+                return (p,)
         return (p1, p2)
 
     def rewrite_bystander(self, key: str) -> None:
         value, _ = self.bystanders[key]
         self.store.set(key, value, expire=0)
-        self.bystanders[key] = (value, self.pages_of(key, self.store._pager.locate(key.encode())[4]))
+        self.bystanders[key] = (value, self.pages_of(key))
 
     # ------------------------------------------------------------------ writers
 
@@ -786,7 +774,6 @@ def run(ns: argparse.Namespace, tmp: Path) -> int:
                        lock_timeout=20)
     sup = Supervisor(store, bstore, ns)
     sup.place_bystanders()
-    missing_hooks = sorted(n for n in [*HOOKS, "_image"] if getattr(store, n, None) is None)
     rnd = random.Random(ns.seed)
     for slot in sup.slots:
         sup.start(slot)
@@ -807,9 +794,6 @@ def run(ns: argparse.Namespace, tmp: Path) -> int:
         f"{ns.keys} keys per writer, seed {ns.seed}",
         {ns.impl: rows},
     )
-    if missing_hooks:
-        report.note(f"not tracked (MmapStore has no {', '.join(missing_hooks)}): kills in those phases "
-                    "count under their operation only")
     if t.problems:
         report.note("first problems:\n  " + "\n  ".join(t.problems[:12]))
     if end_problems:
