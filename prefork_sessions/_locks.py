@@ -161,11 +161,26 @@ def holder_alive(word: int, st: os.stat_result) -> bool:
         with open(f"/proc/{tid}/maps", "rb") as f:
             maps = f.read()
     except PermissionError:
-        return True  # another user's live thread: not ours to judge
+        return _hidden_holder_may_write(tid, st)
     except OSError:
         return False
     needle = f" {os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x} {st.st_ino} ".encode()
     return needle in maps
+
+
+def _hidden_holder_may_write(tid: int, st: os.stat_result) -> bool:
+    """A live thread whose mappings this process may not read: could it write the file?
+    Root reads every process of its PID namespace, so one hidden from root lives
+    outside it (beyond the protocol's reach, see Limits); another uid cannot write a
+    0640 file it does not own, unless it is root; a process of our own uid that hides
+    its mappings is not dumpable, which no Python worker is."""
+    if os.geteuid() == 0:
+        return False
+    try:
+        uid = os.stat(f"/proc/{tid}").st_uid
+    except OSError:
+        return False
+    return uid == 0
 
 
 HOLDER_CHECK_AFTER = 0.05  # seconds a lock may stay busy before its holder is looked at

@@ -14,6 +14,7 @@ import os
 import struct
 import time
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Literal
 from zlib import crc32
@@ -47,7 +48,8 @@ class Pager:
         self._max_used = max_used
         self._d0 = L.data_start(nslots)
         self._host, self._timeout = host, lock_timeout
-        self._upkeep = Upkeep(self, host, mm, self._w, seed, npages, page_size, nslots, max_used)
+        # a weak proxy: no cycle, so the mapping goes as soon as the store lets go of this pager
+        self._upkeep = Upkeep(weakref.proxy(self), host, mm, self._w, seed, npages, page_size, nslots, max_used)
 
     def close(self) -> None:
         """Forget the mapping (releasing the views that pin it)."""

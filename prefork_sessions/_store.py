@@ -14,6 +14,7 @@ The layers, each in its own module:
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import tempfile
@@ -89,6 +90,7 @@ class _Host:
     def __init__(self, path: str, lock_timeout: float, mm: mmap.mmap, fd: int, page_size: int, slots: int) -> None:
         self._path, self._lock_timeout, self._mm, self._fd = path, lock_timeout, mm, fd
         self._ps, self._slots = page_size, slots
+        weakref.finalize(self, os.close, fd)  # the descriptor is the host's: it goes with the last pager
 
     def timeout(self, page: int) -> LockTimeoutError:
         return LockTimeoutError(
@@ -117,6 +119,20 @@ class _Host:
 
     def recover(self, page: int, wedged: bool) -> None:
         recover(self._mm, self._fd, L.page_offset(self._ps, page) + L.OFF_LOCK, wedged)
+
+
+class _Closed:
+    """In place of a closed store's pager, words and maintenance: any use raises
+    StoreClosedError.  close() only lets go of the open file's objects, never
+    unmapping under a call still inside them (a thread in a get_and_set callback
+    holds a page lock on that mapping); the mapping and descriptor go when the
+    last of them lets go, at once when none is running."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+
+    def __getattr__(self, name: str) -> Any:
+        raise StoreClosedError(f"store {self._path} is closed; call reopen() to use it again")
 
 
 class MmapStore:
@@ -160,7 +176,6 @@ class MmapStore:
         self._busy = CallbackThreads()
         self._hits = self._misses = 0
         self._mm: mmap.mmap | None = None
-        self._fd = -1
         self._stale = False
         self._open_lock = threading.Lock()
         self._open()
@@ -187,29 +202,20 @@ class MmapStore:
         self._seed, self._nslots = geo.seed, geo.slots
         self._d0 = L.data_start(geo.slots)
         self._max_entry = geo.page_size - self._d0
-        self._fd, self._stale = fd, False
+        self._stale = False
         # Last: other threads take a set _mm to mean "open", without the open lock.
         self._mm = mm
 
     def _forget_parent(self) -> None:
-        """In a forked child: drop the parent's descriptor, mapping and pager; reopen lazily.
-
-        The inherited descriptor (and the mapping's own duplicate of it) share the
-        parent's open file description, and with it the parent's OFD locks, so the
-        child must not lock through them, nor keep them open (a lock the parent
-        holds would outlive the parent).  The pager's thread locks go with it: one
-        that another thread held at fork time would never be released.
-        """
+        """In a forked child: let go of the parent's descriptor, mapping and pager, and
+        reopen lazily, so the child uses its own descriptor (the inherited one shares
+        the parent's open file description, whose OFD locks serialise lock resets)
+        and its own in-process state (a callback guard or open lock that another
+        thread held at fork time would never be released)."""
         if self._mm is None:
             return
-        try:
-            self._pager.close()
-            self._w.release()
-            self._mm.close()
-            os.close(self._fd)
-        except (OSError, BufferError):
-            pass
-        self._mm, self._fd, self._stale = None, -1, True
+        self._close_file()
+        self._stale = True
         self._busy = CallbackThreads()
         self._open_lock = threading.Lock()
 
@@ -226,11 +232,9 @@ class MmapStore:
 
     def _close_file(self) -> None:
         if self._mm is not None:
-            self._pager.close()
-            self._w.release()
-            self._mm.close()
-            os.close(self._fd)
-        self._mm, self._fd = None, -1
+            closed: Any = _Closed(self.path)
+            self._mm = None  # first: other threads take it to mean closed
+            self._pager = self._upkeep = self._w = closed
 
     def _revive(self) -> mmap.mmap:
         """Reopen after a fork, once, however many threads of the child get here first."""
@@ -269,21 +273,24 @@ class MmapStore:
 
     # ------------------------------------------------------------------ locking
 
-    def _lock_pages(self, p1: int, p2: int) -> tuple[int, ...]:
-        """Lock a key's page(s) in index order (the global order that rules out deadlock)."""
+    @contextlib.contextmanager
+    def _locked(self, p1: int, p2: int) -> Iterator[tuple[int, ...]]:
+        """Hold a key's page(s), locked in index order (the global order that rules
+        out deadlock), through the pager that locked them even if the store is
+        closed meanwhile."""
+        pager = self._pager
         pages = (p1,) if p1 == p2 else (p1, p2) if p1 < p2 else (p2, p1)
-        self._pager.hold(pages[0])
-        if len(pages) > 1:
+        pager.hold(pages[0])
+        try:
+            if len(pages) > 1:
+                pager.hold(pages[1])
             try:
-                self._pager.hold(pages[1])
-            except BaseException:
-                self._pager.unlock(pages[0])
-                raise
-        return pages
-
-    def _unlock_pages(self, pages: tuple[int, ...]) -> None:
-        for p in reversed(pages):
-            self._pager.unlock(p)
+                yield pages
+            finally:
+                if len(pages) > 1:
+                    pager.unlock(pages[1])
+        finally:
+            pager.unlock(pages[0])
 
     # ------------------------------------------------------------------ lookup
 
@@ -292,18 +299,16 @@ class MmapStore:
 
         With the pages locked the read settles at once unless a page fails its
         checks (damage from outside the store): it is repaired, then read again."""
-        kb = self._pager.key_of(key)[0]
-        _, p1, p2, _ = self._pager.where(kb)
-        pages = self._lock_pages(p1, p2)
-        try:
-            found = self._pager.read(kb)
+        pager = self._pager
+        kb = pager.key_of(key)[0]
+        _, p1, p2, _ = pager.where(kb)
+        with self._locked(p1, p2) as pages:
+            found = pager.read(kb)
             if found is False:  # with the pages locked, only damage keeps a read from settling
                 for p in pages:
                     if self._upkeep.survey(p, L.page_offset(self.page_size, p)).problems:
-                        self._pager.rebuild(p)
-                found = self._pager.read(kb)
-        finally:
-            self._unlock_pages(pages)
+                        pager.rebuild(p)
+                found = pager.read(kb)
         return None if found is False else found
 
     # ------------------------------------------------------------------ public API
@@ -398,12 +403,13 @@ class MmapStore:
             self._busy.check()
         if self._mm is None:
             self._revive()
+        pager = self._pager  # unlocks through it even if the store is closed meanwhile
         for page in range(self.num_pages):
-            self._pager.hold(page)
+            pager.hold(page)
             try:
                 yield page, L.page_offset(self.page_size, page)
             finally:
-                self._pager.unlock(page)
+                pager.unlock(page)
 
     def purge(self) -> int:
         """Remove expired entries from every page; returns how many were removed."""
@@ -504,8 +510,7 @@ class MmapStore:
         for kb, h in twice:  # a writer may have moved it meanwhile: look again, both pages locked
             p1, p2 = pages_of(h, self.num_pages)
             s0 = (h // self.num_pages) % self._nslots
-            pages = self._lock_pages(p1, p2)
-            try:
+            with self._locked(p1, p2):
                 if self._pager.find_locked(p1, kb, h, s0)[1]:
                     so, eo, _ = self._pager.find_locked(p2, kb, h, s0)
                     if eo:  # readers see the home page's copy: the other one goes
@@ -514,6 +519,4 @@ class MmapStore:
                         self._pager.bump(po2)
                         self._upkeep.kill(po2, so, eo)
                         self._pager.bump(po2)
-            finally:
-                self._unlock_pages(pages)
         return problems
