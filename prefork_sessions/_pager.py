@@ -9,6 +9,7 @@ when it could be built.  Offsets are absolute offsets in the mapping.
 
 from __future__ import annotations
 
+import enum
 import mmap
 import os
 import struct
@@ -16,7 +17,6 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import Literal
 from zlib import crc32
 
 from . import _layout as L
@@ -26,6 +26,16 @@ from ._locks import HOLDER_CHECK_AFTER, Locked, Mutexes
 from ._upkeep import Host, Tracer, Upkeep
 
 READ_TRIES = 4
+
+
+class Busy(enum.Enum):
+    """What ``read`` returns when writers kept the pages busy on every try (the
+    caller then reads with the pages locked); the C pager returns the same object."""
+
+    BUSY = "BUSY"
+
+
+BUSY = Busy.BUSY
 INSERT_BACKOFF = 50e-6  # seconds an insert waits before trying again when its second page stayed busy
 Update = Callable[[bytes | None], bytes]
 
@@ -148,9 +158,8 @@ class Pager:
         kb, was_str = self._host.key(key)
         return kb, L.FLAG_STR_KEY if was_str else 0
 
-    def read(self, key: str | bytes) -> bytes | None | Literal[False]:
-        """Lock-free read: the raw value, None (absent or expired), or False
-        when writers kept the pages busy (the caller then reads under the lock)."""
+    def read(self, key: str | bytes) -> bytes | Busy | None:
+        """Lock-free read: the raw value, None (absent or expired), or BUSY."""
         kb = self.key_of(key)[0]
         mm, w = self._mm, self._w
         assert mm is not None and w is not None
@@ -198,7 +207,7 @@ class Pager:
             if u32[(so >> 2) + 1] != t:
                 u32[(so >> 2) + 1] = t  # LRU hint, deliberately unlocked (see _layout)
             return value
-        return False
+        return BUSY
 
     def walk(self, po: int, page: int) -> tuple[list[L.EntryFields], int]:
         """The whole entries of a locked page in data order, from the start of its data
@@ -479,4 +488,4 @@ else:
             RuntimeWarning, stacklevel=2,
         )
 
-__all__ = ["ACCELERATED", "PURE_ENV", "FastPager", "Pager"]
+__all__ = ["ACCELERATED", "BUSY", "PURE_ENV", "Busy", "FastPager", "Pager"]

@@ -159,6 +159,7 @@ typedef struct {
     PyObject *host;      /* _upkeep.Host: errors to raise, damaged locks to reset */
     double timeout;      /* lock_timeout, seconds */
     PyObject *tracer;    /* None, or told the steps of page rewrites (_upkeep.Step) */
+    PyObject *busy;      /* _pager.BUSY: what read() returns when writers kept the pages busy */
     int nfixed;          /* words of an unlocked mutex that locking never changes (_locks.fixed_words) */
     uint32_t fixed_at[LOCK_SIZE / 4], fixed[LOCK_SIZE / 4];
 } Pager;
@@ -375,7 +376,7 @@ static PyObject *Pager_holds(Pager *self, PyObject *const *args, Py_ssize_t narg
     return PyLong_FromLong(holds(self, po, k, klen, h, s0));
 }
 
-/* read(key) -> value bytes | None (absent or expired) | False (contended) */
+/* read(key) -> value bytes | None (absent or expired) | _pager.BUSY (contended) */
 static PyObject *read_key(Pager *self, const char *k, Py_ssize_t klen);
 
 static PyObject *Pager_read(Pager *self, PyObject *key) {
@@ -436,7 +437,7 @@ static PyObject *read_key(Pager *self, const char *k, Py_ssize_t klen) {
         if (old != t) __atomic_store_n((uint32_t *)(buf + so + SLOT_TICK), t, __ATOMIC_RELAXED);
         return value;
     }
-    Py_RETURN_FALSE;
+    return Py_NewRef(self->busy);
 }
 
 
@@ -1278,6 +1279,7 @@ static PyObject *Pager_close(Pager *self, PyObject *unused) {
     }
     Py_CLEAR(self->host);
     Py_CLEAR(self->tracer);
+    Py_CLEAR(self->busy);
     Py_RETURN_NONE;
 }
 
@@ -1306,6 +1308,13 @@ static int Pager_init(Pager *self, PyObject *args, PyObject *kw) {
         Pager_close(self, NULL);
         return -1;
     }
+    PyObject *pager_mod = PyImport_ImportModule("prefork_sessions._pager");
+    self->busy = pager_mod ? PyObject_GetAttrString(pager_mod, "BUSY") : NULL;
+    Py_XDECREF(pager_mod);
+    if (!self->busy) {
+        Pager_close(self, NULL);
+        return -1;
+    }
     Py_INCREF(host);
     self->host = host;
     self->timeout = timeout;
@@ -1325,7 +1334,7 @@ static PyMethodDef Pager_methods[] = {
     {"find", (PyCFunction)(void (*)(void))Pager_find, METH_FASTCALL, "find(po, key, hash, s0) -> (so, eo, free)"},
     {"holds", (PyCFunction)(void (*)(void))Pager_holds, METH_FASTCALL,
      "holds(po, key, hash, s0) -> 1 | 0 | -1 (too busy to tell)"},
-    {"read", (PyCFunction)Pager_read, METH_O, "read(key) -> value bytes | None (absent or expired) | False (contended)"},
+    {"read", (PyCFunction)Pager_read, METH_O, "read(key) -> value bytes | None (absent or expired) | BUSY (contended)"},
     {"lock", (PyCFunction)(void (*)(void))Pager_lock, METH_FASTCALL,
      "lock(page, timeout) -> a _locks.Locked value (SOUND, DIRTY: repair first, TIMEOUT, WEDGED)"},
     {"unlock", (PyCFunction)Pager_unlock, METH_O, "unlock(page)"},

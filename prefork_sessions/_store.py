@@ -36,7 +36,7 @@ from ._errors import (
 from ._file import open_or_create
 from ._layout import pages_of
 from ._locks import recover
-from ._pager import FastPager
+from ._pager import BUSY, FastPager
 from ._serializers import CallbackThreads, Codec
 from ._upkeep import Upkeep
 
@@ -304,12 +304,12 @@ class MmapStore:
         _, p1, p2, _ = pager.where(kb)
         with self._locked(p1, p2) as pages:
             found = pager.read(kb)
-            if found is False:  # with the pages locked, only damage keeps a read from settling
+            if found is BUSY:  # with the pages locked, only damage keeps a read from settling
                 for p in pages:
                     if self._upkeep.survey(p, L.page_offset(self.page_size, p)).problems:
                         pager.rebuild(p)
                 found = pager.read(kb)
-        return None if found is False else found
+        return None if found is BUSY else found
 
     # ------------------------------------------------------------------ public API
 
@@ -320,7 +320,7 @@ class MmapStore:
         if self._mm is None:
             self._revive()
         found = self._pager.read(key)
-        if found is False:
+        if found is BUSY:
             found = self._read_locked(key)
         if found is None:
             self._misses += 1
@@ -339,7 +339,7 @@ class MmapStore:
         if self._mm is None:
             self._revive()
         found = self._pager.read(key)  # type: ignore[arg-type]  # the pager's host checks odd keys
-        if found is False:
+        if found is BUSY:
             found = self._read_locked(key)
         return found is not None
 
