@@ -1,5 +1,6 @@
 """prefork_sessions: a shared, crash-safe session store for prefork web servers."""
 
+from ._base import MmapStats, RedisStats, StoreBase, StoreStats
 from ._errors import (
     FileFormatError,
     InvalidArgumentError,
@@ -26,8 +27,10 @@ __all__ = [
     "FileFormatError",
     "InvalidArgumentError",
     "LockTimeoutError",
+    "MmapStats",
     "MmapStore",
     "NoSpaceError",
+    "RedisStats",
     "RedisStore",
     "ReentrantCallError",
     "SerializationError",
@@ -36,8 +39,10 @@ __all__ = [
     "SessionOptions",
     "SessionRequest",
     "SessionStoreError",
+    "StoreBase",
     "StoreClosedError",
     "StorePathError",
+    "StoreStats",
     "UnsafeFileError",
     "UnsupportedPlatformError",
     "ValueTooLargeError",

@@ -13,10 +13,12 @@ import enum
 import mmap
 import os
 import struct
+import threading
 import time
 import warnings
 import weakref
 from collections.abc import Callable
+from typing import Any
 from zlib import crc32
 
 from . import _layout as L
@@ -38,6 +40,7 @@ class Busy(enum.Enum):
 BUSY = Busy.BUSY
 INSERT_BACKOFF = 50e-6  # seconds an insert waits before trying again when its second page stayed busy
 Update = Callable[[bytes | None], bytes]
+"""Maps a key's old raw value (None: absent) to its new one, with the page locked."""
 
 _u32_at = L.U32.unpack_from
 _entry_at = L.ENTRY.unpack_from
@@ -319,7 +322,47 @@ class Pager:
                 raise self._host.meddled(page)
         return found
 
-    def put(self, key: str | bytes, vb: bytes, life: float, update: Update | None) -> None:
+    def put(self, key: str | bytes, vb: bytes, life: float) -> None:
+        """Store ``vb`` under ``key`` for ``life`` seconds (0: never)."""
+        self._write(key, vb, life, None)
+
+    def update(
+        self, key: str | bytes, fn: Callable[[Any], Any], life: float, loads: Callable[[bytes], Any] | None,
+        dumps: Callable[[Any], bytes] | None, guard: set[int],
+    ) -> Any:
+        """get_and_set: store and return ``fn(old value or None)``, run with the key's
+        page locked and this thread in ``guard``; ``loads``/``dumps`` (None: raw
+        bytes) decode the old value and encode the new, their errors becoming the
+        host's ``codec_error``."""
+        result: list[Any] = []
+
+        def update(old: bytes | None) -> bytes:
+            try:
+                value = old if old is None or loads is None else loads(old)
+            except Exception as e:
+                raise self._host.codec_error(e, key, True) from e
+            me = threading.get_ident()
+            guard.add(me)
+            try:
+                new = fn(value)
+            finally:
+                guard.discard(me)
+            try:
+                if dumps is not None:
+                    vb = dumps(new)
+                elif isinstance(new, (bytes, bytearray, memoryview)):
+                    vb = bytes(new)
+                else:
+                    raise TypeError(f"serializer='raw' stores bytes, not {type(new).__name__}")
+            except Exception as e:
+                raise self._host.codec_error(e, key, False) from e
+            result.append(new)
+            return vb
+
+        self._write(key, b"", life, update)
+        return result[-1]
+
+    def _write(self, key: str | bytes, vb: bytes, life: float, update: Update | None) -> None:
         """Store ``vb`` (or ``update(old raw value or None)``, run with the page
         locked) under ``key`` for ``life`` seconds (0: never).
 

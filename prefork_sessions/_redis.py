@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from typing import Any, Self
+from typing import Any
 
-from ._args import key_bytes, lifetime, timeout
+from ._args import lifetime, timeout
+from ._base import RedisStats, StoreBase
 from ._errors import InvalidArgumentError, StoreClosedError, ValueTooLargeError
-from ._serializers import CallbackThreads, Codec
 
 __all__ = ["RedisStore"]
 
@@ -22,7 +22,7 @@ MAX_VALUE_SIZE = 512 << 20  # Redis's limit for a string value
 DEFAULT_PREFIX = "prefork_sessions:"
 
 
-class RedisStore:
+class RedisStore(StoreBase):
     """A store with MmapStore's interface on Redis (``pip install 'prefork_sessions[redis]'``).
 
     ``url`` is a redis-py URL (``redis://127.0.0.1:6379/0``), or pass ``client``.
@@ -47,11 +47,10 @@ class RedisStore:
 
         if not isinstance(url, str):
             raise InvalidArgumentError(f"url={url!r}: give a redis:// URL as a str")
-        self._prefix = key_bytes(prefix)[0]
+        self._prefix = self._key(prefix)
         if not self._prefix:
             raise InvalidArgumentError("prefix may not be empty: clear() would empty the whole Redis database")
-        self._expire = lifetime(expire)
-        self._codec = Codec(serializer)
+        super().__init__(expire=expire, serializer=serializer)
         self._socket_args: dict[str, float] = {}
         if socket_timeout is not None:
             if client is not None:
@@ -64,9 +63,6 @@ class RedisStore:
         self.url = url
         self._client: Any = client if client is not None else self._connect()
         self._owns_client = client is None
-        self.serializer = self._codec.name
-        self._busy = CallbackThreads()
-        self._hits = self._misses = 0
         self._closed = False
 
     # ------------------------------------------------------------------ helpers
@@ -76,7 +72,7 @@ class RedisStore:
             raise StoreClosedError("store is closed; call reopen() to use it again")
         if self._busy:
             self._busy.check()
-        return self._prefix + key_bytes(key)[0]
+        return self._prefix + self._key(key)
 
     def _connect(self) -> Any:
         return self._redis.Redis.from_url(self.url, **self._socket_args)
@@ -94,7 +90,6 @@ class RedisStore:
     # ------------------------------------------------------------------ API
 
     def get(self, key: str | bytes, default: Any = None) -> Any:
-        """The value stored under ``key``, or ``default`` when missing or expired."""
         raw = self._client.get(self._k(key))
         if raw is None:
             self._misses += 1
@@ -106,12 +101,10 @@ class RedisStore:
         return bool(self._client.exists(self._k(key)))
 
     def set(self, key: str | bytes, value: Any, expire: float | None = None) -> None:
-        """Store ``value``; ``expire`` in seconds (None: store default; 0: never)."""
         k = self._k(key)
         self._client.set(k, self._encode(key, value), px=self._px(expire))
 
     def delete(self, key: str | bytes) -> bool:
-        """Remove ``key``; True if it was there."""
         return bool(self._client.delete(self._k(key)))
 
     def get_and_set(self, key: str | bytes, fn: Callable[[Any], Any], expire: float | None = None) -> Any:
@@ -157,9 +150,6 @@ class RedisStore:
     def __len__(self) -> int:
         return sum(1 for _ in self._scan())
 
-    def __iter__(self) -> Iterator[str | bytes]:
-        return iter(self.keys())
-
     def purge(self) -> int:
         """Redis removes expired keys itself: nothing to do, returns 0."""
         return 0
@@ -175,7 +165,7 @@ class RedisStore:
         if batch:
             self._client.unlink(*batch)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> RedisStats:
         """This process's hits and misses; server-wide expirations, evictions and memory."""
         info = self._client.info()
         return {
@@ -206,12 +196,6 @@ class RedisStore:
         if self._owns_client:
             self._client.close()
         self._closed = True
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _glob_escape(b: bytes) -> bytes:

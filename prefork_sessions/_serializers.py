@@ -1,18 +1,17 @@
 """What both stores share about values: serialisers ("json" (default, orjson), "raw",
-"pickle", or custom) with typed errors, and the guard around get_and_set callbacks."""
+"pickle", or custom) with typed errors."""
 
 from __future__ import annotations
 
 import enum
 import math
 import pickle
-import threading
 from collections.abc import Callable
 from typing import Any
 
 import orjson
 
-from ._errors import InvalidArgumentError, ReentrantCallError, SerializationError
+from ._errors import InvalidArgumentError, SerializationError
 from ._pager import ACCELERATED
 
 if ACCELERATED:
@@ -148,23 +147,3 @@ class Codec:
             "Was it written with another serializer?"
         )
 
-
-class CallbackThreads(set[int]):
-    """The threads now running a ``get_and_set`` callback, which holds the store's
-    lock: a call from one of them back into the store raises instead of deadlocking.
-    Empty (false) in the common case, so stores test it before anything else."""
-
-    def check(self) -> None:
-        if threading.get_ident() in self:
-            raise ReentrantCallError(
-                "the store was called from inside a get_and_set() callback, which runs with the "
-                "key locked; compute from the value passed to the callback and return the result"
-            )
-
-    def run(self, fn: Callable[[Any], Any], value: Any) -> Any:
-        me = threading.get_ident()
-        self.add(me)
-        try:
-            return fn(value)
-        finally:
-            self.discard(me)

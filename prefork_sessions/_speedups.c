@@ -1032,25 +1032,74 @@ static PyObject *old_value(Pager *self, Py_ssize_t page, const char *k, Py_ssize
     Py_RETURN_NONE;
 }
 
+/* A get_and_set in flight: fn maps the old value (decoded by loads, unless None)
+ * to the new one (encoded by dumps; None: it must be bytes-like), run with the key
+ * in guard (the store's CallbackThreads).  result: the last new value. */
+typedef struct {
+    PyObject *key, *fn, *loads, *dumps, *guard, *result;
+} Updater;
+
+/* the store's SerializationError for the exception being raised by loads or dumps */
+static void codec_error(Pager *self, Updater *u, int decoding) {
+    PyObject *type, *exc, *tb;
+    PyErr_Fetch(&type, &exc, &tb);
+    PyErr_NormalizeException(&type, &exc, &tb);
+    if (tb) PyException_SetTraceback(exc, tb);
+    PyObject *err = PyObject_CallMethod(self->host, "codec_error", "OOi", exc, u->key, decoding);
+    if (err) {
+        PyException_SetCause(err, Py_NewRef(exc));
+        PyErr_SetObject((PyObject *)Py_TYPE(err), err);
+        Py_DECREF(err);
+    }
+    Py_XDECREF(type); Py_XDECREF(exc); Py_XDECREF(tb);
+}
+
+/* run u on the old raw value (bytes or None): the new raw value, or NULL */
+static PyObject *run_update(Pager *self, Updater *u, PyObject *old) {
+    PyObject *arg;
+    if (old != Py_None && u->loads != Py_None) {
+        if (!(arg = PyObject_CallOneArg(u->loads, old))) { codec_error(self, u, 1); return NULL; }
+    } else arg = Py_NewRef(old);
+    PyObject *me = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
+    if (!me || PySet_Add(u->guard, me) < 0) { Py_XDECREF(me); Py_DECREF(arg); return NULL; }
+    PyObject *new = PyObject_CallOneArg(u->fn, arg);  /* user code: the page is locked but unchanged */
+    PyObject *type, *exc, *tb;
+    PyErr_Fetch(&type, &exc, &tb);
+    int gone = PySet_Discard(u->guard, me);
+    if (type) PyErr_Restore(type, exc, tb);
+    Py_DECREF(me);
+    Py_DECREF(arg);
+    if (!new || gone < 0) { Py_XDECREF(new); return NULL; }
+    PyObject *vb;
+    if (u->dumps != Py_None) vb = PyObject_CallOneArg(u->dumps, new);
+    else if (PyBytes_CheckExact(new)) vb = Py_NewRef(new);
+    else if (PyByteArray_Check(new) || PyMemoryView_Check(new) || PyBytes_Check(new)) vb = PyBytes_FromObject(new);
+    else {
+        PyErr_Format(PyExc_TypeError, "serializer='raw' stores bytes, not %s", Py_TYPE(new)->tp_name);
+        vb = NULL;
+    }
+    if (vb && !PyBytes_Check(vb)) {
+        Py_SETREF(vb, NULL);
+        PyErr_SetString(PyExc_TypeError, "dumps() must return bytes");
+    }
+    if (!vb) { codec_error(self, u, 0); Py_DECREF(new); return NULL; }
+    Py_XSETREF(u->result, new);
+    return vb;
+}
+
 /* With the page locked, write the key's new entry there: eo its current entry (0:
- * none), so the slot to use.  update (not None) computes the value from the old one. */
+ * none), so the slot to use; u (not NULL) computes the value from the old one. */
 static int put_here(Pager *self, Py_ssize_t page, Py_ssize_t so, Py_ssize_t eo, const char *k, Py_ssize_t klen,
-                    uint8_t flags, uint32_t h, Py_ssize_t s0, double exp, PyObject *value, PyObject *update) {
+                    uint8_t flags, uint32_t h, Py_ssize_t s0, double exp, PyObject *value, Updater *u) {
     Py_ssize_t po = page_off(self, page), fr = 0;
-    PyObject *vb = value;
-    Py_INCREF(vb);
-    if (update != Py_None) {
+    PyObject *vb;
+    if (u) {
         PyObject *old = old_value(self, page, k, klen, h, s0, &so, &eo, &fr);
-        if (!old) { Py_DECREF(vb); return -1; }
-        Py_SETREF(vb, PyObject_CallOneArg(update, old));  /* user code: the page is locked but unchanged */
+        if (!old) return -1;
+        vb = run_update(self, u, old);
         Py_DECREF(old);
         if (!vb) return -1;
-        if (!PyBytes_Check(vb)) {
-            PyErr_SetString(PyExc_TypeError, "update() must return bytes");
-            Py_DECREF(vb);
-            return -1;
-        }
-    }
+    } else vb = Py_NewRef(value);
     const char *v = PyBytes_AS_STRING(vb);
     Py_ssize_t vlen = PyBytes_GET_SIZE(vb), r = 0;
     if (ENTRY_SIZE + klen + vlen > self->page_size - self->d0) {
@@ -1085,38 +1134,59 @@ static int pause_us(long us) {
 }
 
 static PyObject *put_key(Pager *self, const char *k, Py_ssize_t klen, uint8_t flags, double exp,
-                         PyObject *value, PyObject *update);
+                         PyObject *value, Updater *u);
 
-/* put(key, value, lifetime, update) -> None.  Store value (or update(old raw value
- * or None) -> bytes, run with the page locked) under key for lifetime seconds (0:
- * never): _pager.Pager.put. */
+/* put(key, value, lifetime) -> None: store value under key for lifetime seconds
+ * (0: never); _pager.Pager.put. */
 static PyObject *Pager_put(Pager *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "put(key, value, lifetime, update)");
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "put(key, value, lifetime)");
         return NULL;
     }
     const char *k; Py_ssize_t klen; uint8_t flags; PyObject *owned;
     double life = PyFloat_AsDouble(args[2]);
     if (life == -1.0 && PyErr_Occurred()) return NULL;
-    PyObject *value = args[1], *update = args[3];
+    PyObject *value = args[1];
     if (!PyBytes_Check(value)) {
         PyErr_SetString(PyExc_TypeError, "value must be bytes");
         return NULL;
     }
     if (check_open(self) < 0 || key_of(self, args[0], &k, &klen, &flags, &owned) < 0) return NULL;
-    if (update == Py_None && ENTRY_SIZE + klen + PyBytes_GET_SIZE(value) > self->page_size - self->d0) {
+    if (ENTRY_SIZE + klen + PyBytes_GET_SIZE(value) > self->page_size - self->d0) {
         raise_too_large(self, klen, PyBytes_GET_SIZE(value));
         Py_XDECREF(owned);
         return NULL;
     }
-    double exp = life > 0 ? now_wall() + life : 0.0;
-    PyObject *r = put_key(self, k, klen, flags, exp, value, update);
+    PyObject *r = put_key(self, k, klen, flags, life > 0 ? now_wall() + life : 0.0, value, NULL);
     Py_XDECREF(owned);
     return r;
 }
 
+/* update(key, fn, lifetime, loads, dumps, guard) -> the new value: get_and_set,
+ * fn run with the key's page locked (Updater); _pager.Pager.update. */
+static PyObject *Pager_update(Pager *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "update(key, fn, lifetime, loads, dumps, guard)");
+        return NULL;
+    }
+    const char *k; Py_ssize_t klen; uint8_t flags; PyObject *owned;
+    double life = PyFloat_AsDouble(args[2]);
+    if (life == -1.0 && PyErr_Occurred()) return NULL;
+    if (!PyAnySet_Check(args[5])) {
+        PyErr_SetString(PyExc_TypeError, "guard must be a set");
+        return NULL;
+    }
+    if (check_open(self) < 0 || key_of(self, args[0], &k, &klen, &flags, &owned) < 0) return NULL;
+    Updater u = {args[0], args[1], args[3], args[4], args[5], NULL};
+    PyObject *r = put_key(self, k, klen, flags, life > 0 ? now_wall() + life : 0.0, NULL, &u);
+    Py_XDECREF(owned);
+    if (!r) { Py_XDECREF(u.result); return NULL; }
+    Py_DECREF(r);
+    return u.result;
+}
+
 static PyObject *put_key(Pager *self, const char *k, Py_ssize_t klen, uint8_t flags, double exp,
-                         PyObject *value, PyObject *update) {
+                         PyObject *value, Updater *u) {
     Py_ssize_t so, eo, fr, so2, eo2, fr2;
     int backoff = 0, r;
     for (;;) {
@@ -1130,7 +1200,7 @@ static PyObject *put_key(Pager *self, const char *k, Py_ssize_t klen, uint8_t fl
         if (in2 == 1) {  /* lives in its second page: update it there */
             if (lock_or_raise(self, p2, self->timeout) < 0) return NULL;
             r = find_locked(self, p2, k, klen, h, s0, &so, &eo, &fr);
-            if (r == 0 && eo) r = put_here(self, p2, so, eo, k, klen, (uint8_t)flags, h, s0, exp, value, update);
+            if (r == 0 && eo) r = put_here(self, p2, so, eo, k, klen, (uint8_t)flags, h, s0, exp, value, u);
             unlock_page(self, p2);
             if (r < 0) return NULL;
             if (eo) Py_RETURN_NONE;
@@ -1141,7 +1211,7 @@ static PyObject *put_key(Pager *self, const char *k, Py_ssize_t klen, uint8_t fl
         r = find_locked(self, p1, k, klen, h, s0, &so, &eo, &fr);
         if (r < 0) goto out;
         if (eo || p1 == p2) {
-            r = put_here(self, p1, eo ? so : fr, eo, k, klen, (uint8_t)flags, h, s0, exp, value, update);
+            r = put_here(self, p1, eo ? so : fr, eo, k, klen, (uint8_t)flags, h, s0, exp, value, u);
             goto out;
         }
         /* Not in p1; with p1 held nobody can insert it into p2, so what we see of p2
@@ -1167,11 +1237,11 @@ static PyObject *put_key(Pager *self, const char *k, Py_ssize_t klen, uint8_t fl
             r = find_locked(self, p2, k, klen, h, s0, &so2, &eo2, &fr2);
             if (r < 0) goto out;
             if (eo2 || roomier == p2) {
-                r = put_here(self, p2, eo2 ? so2 : fr2, eo2, k, klen, (uint8_t)flags, h, s0, exp, value, update);
+                r = put_here(self, p2, eo2 ? so2 : fr2, eo2, k, klen, (uint8_t)flags, h, s0, exp, value, u);
                 goto out;
             }
         }
-        r = put_here(self, p1, fr, 0, k, klen, (uint8_t)flags, h, s0, exp, value, update);
+        r = put_here(self, p1, fr, 0, k, klen, (uint8_t)flags, h, s0, exp, value, u);
     out:
         if (second) unlock_page(self, p2);
         unlock_page(self, p1);
@@ -1345,7 +1415,9 @@ static PyMethodDef Pager_methods[] = {
     {"find_locked", (PyCFunction)(void (*)(void))Pager_find_locked, METH_FASTCALL,
      "find_locked(page, key, hash, s0) -> (so, eo, free), repairing a page that fails a check"},
     {"put", (PyCFunction)(void (*)(void))Pager_put, METH_FASTCALL,
-     "put(key, value, lifetime, update): store value, or update(old) -> bytes"},
+     "put(key, value, lifetime): store value for lifetime seconds (0: never)"},
+    {"update", (PyCFunction)(void (*)(void))Pager_update, METH_FASTCALL,
+     "update(key, fn, lifetime, loads, dumps, guard) -> fn(old value or None), stored atomically"},
     {"remove", (PyCFunction)Pager_remove, METH_O, "remove(key) -> True if a live entry went"},
     {"rebuild", (PyCFunction)Pager_rebuild, METH_O, "rebuild(page): repair a locked page through the spare"},
     {"walk", (PyCFunction)(void (*)(void))Pager_walk, METH_FASTCALL,

@@ -22,14 +22,16 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any, Self
+from typing import Any
 
 from . import _layout as L
 from ._args import key_bytes, lifetime, size, timeout
+from ._base import CallbackThreads, MmapStats, StoreBase
 from ._errors import (
     FileFormatError,
     InvalidArgumentError,
     LockTimeoutError,
+    SerializationError,
     StoreClosedError,
     ValueTooLargeError,
 )
@@ -37,7 +39,7 @@ from ._file import open_or_create
 from ._layout import pages_of
 from ._locks import recover
 from ._pager import BUSY, FastPager
-from ._serializers import CallbackThreads, Codec
+from ._serializers import Codec
 from ._upkeep import Upkeep
 
 __all__ = ["DEFAULT_CACHE_SIZE", "DEFAULT_LOCK_TIMEOUT", "DEFAULT_PAGE_SIZE", "NEVER", "MmapStore"]
@@ -87,8 +89,10 @@ class _Host:
     """What the pager of one open file asks of its store (``_upkeep.Host``): the
     errors to raise, naming the file, and resetting a damaged lock."""
 
-    def __init__(self, path: str, lock_timeout: float, mm: mmap.mmap, fd: int, page_size: int, slots: int) -> None:
-        self._path, self._lock_timeout, self._mm, self._fd = path, lock_timeout, mm, fd
+    def __init__(
+        self, path: str, lock_timeout: float, mm: mmap.mmap, fd: int, page_size: int, slots: int, codec: Codec
+    ) -> None:
+        self._path, self._lock_timeout, self._mm, self._fd, self._codec = path, lock_timeout, mm, fd, codec
         self._ps, self._slots = page_size, slots
         weakref.finalize(self, os.close, fd)  # the descriptor is the host's: it goes with the last pager
 
@@ -117,6 +121,9 @@ class _Host:
     def key(self, key: object) -> tuple[bytes, bool]:
         return key_bytes(key)
 
+    def codec_error(self, error: Exception, key: object, decoding: bool) -> SerializationError:
+        return self._codec.decode_error(self._path, error) if decoding else self._codec.encode_error(key, error)
+
     def recover(self, page: int, wedged: bool) -> None:
         recover(self._mm, self._fd, L.page_offset(self._ps, page) + L.OFF_LOCK, wedged)
 
@@ -135,7 +142,7 @@ class _Closed:
         raise StoreClosedError(f"store {self._path} is closed; call reopen() to use it again")
 
 
-class MmapStore:
+class MmapStore(StoreBase):
     """A session/cache store in one mmap'ed file, shared by forked workers and threads.
 
     ``cache_size`` and ``page_size`` (bytes) only matter when the file is created;
@@ -170,11 +177,9 @@ class MmapStore:
             )
         self.path = store_path(path) if path is not None else default_path(app_name)
         self._want_geometry = (page_size, cache_size // page_size)
-        self._codec = Codec(serializer)
-        self.serializer, self._dumps, self._loads = self._codec.name, self._codec.dumps, self._codec.loads
-        self._expire = lifetime(expire)
-        self._busy = CallbackThreads()
-        self._hits = self._misses = 0
+        super().__init__(expire=expire, serializer=serializer)
+        self._dumps, self._loads = self._codec.dumps, self._codec.loads
+        self._raw_dumps = None if self.serializer == "raw" else self._dumps  # raw: the pagers take bytes as is
         self._mm: mmap.mmap | None = None
         self._stale = False
         self._open_lock = threading.Lock()
@@ -193,7 +198,7 @@ class MmapStore:
             raise
         self._max_used = int(geo.slots * L.MAX_LOAD)
         self._w = L.Words(mm)
-        host = _Host(self.path, self._lock_timeout, mm, fd, geo.page_size, geo.slots)
+        host = _Host(self.path, self._lock_timeout, mm, fd, geo.page_size, geo.slots, self._codec)
         self._pager = FastPager(mm, geo.seed, geo.num_pages, geo.page_size, geo.slots, self._max_used,
                                 host, self._lock_timeout)
         self._upkeep = Upkeep(self._pager, host, mm, self._w, geo.seed, geo.num_pages, geo.page_size,
@@ -246,12 +251,6 @@ class MmapStore:
         assert self._mm is not None
         return self._mm
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"<MmapStore {self.path!r} pages={self.num_pages}x{self.page_size}>"
 
@@ -264,12 +263,6 @@ class MmapStore:
     def max_value_size(self) -> int:
         """The largest value (serialised bytes) that fits, for a key of 64 bytes."""
         return self._max_entry - L.ENTRY_SIZE - 64
-
-    # ------------------------------------------------------------------ helpers
-
-    def _key(self, key: object) -> tuple[bytes, int]:
-        kb, was_str = key_bytes(key)
-        return kb, L.FLAG_STR_KEY if was_str else 0
 
     # ------------------------------------------------------------------ locking
 
@@ -314,7 +307,6 @@ class MmapStore:
     # ------------------------------------------------------------------ public API
 
     def get(self, key: str | bytes, default: Any = None) -> Any:
-        """The value stored under ``key``, or ``default`` when missing or expired."""
         if self._busy:
             self._busy.check()
         if self._mm is None:
@@ -344,21 +336,17 @@ class MmapStore:
         return found is not None
 
     def set(self, key: str | bytes, value: Any, expire: float | None = None) -> None:
-        """Store ``value`` under ``key``; ``expire`` in seconds (None: store default; 0: never).
-
-        Raises ValueTooLargeError (the old value stays) or SerializationError.
-        """
         if self._busy:
             self._busy.check()
         if type(key) is not str and type(key) is not bytes:
-            key = self._key(key)[0]  # raises for a key that is neither: before serialising
+            key = self._key(key)  # raises for a key that is neither: before serialising
         try:
             vb = self._dumps(value)
         except Exception as e:
             raise self._codec.encode_error(key, e) from e
         if self._mm is None:
             self._revive()
-        self._pager.put(key, vb, self._expire if expire is None else lifetime(expire), None)
+        self._pager.put(key, vb, self._expire if expire is None else lifetime(expire))
 
     def get_and_set(self, key: str | bytes, fn: Callable[[Any], Any], expire: float | None = None) -> Any:
         """Atomically store and return ``fn(current value or None)``.
@@ -369,23 +357,13 @@ class MmapStore:
         if self._busy:
             self._busy.check()
         if type(key) is not str and type(key) is not bytes:
-            key = self._key(key)[0]
+            key = self._key(key)
         life = self._expire if expire is None else lifetime(expire)
-        result: list[Any] = []
-
-        def update(old: bytes | None) -> bytes:
-            new = self._busy.run(fn, None if old is None else self._codec.decode(old, self.path))
-            vb = self._codec.encode(key, new)
-            result.append(new)
-            return vb
-
         if self._mm is None:
             self._revive()
-        self._pager.put(key, b"", life, update)
-        return result[-1]
+        return self._pager.update(key, fn, life, self._loads, self._raw_dumps, self._busy)
 
     def delete(self, key: str | bytes) -> bool:
-        """Remove ``key``; True if a live (unexpired) entry was removed."""
         if self._busy:
             self._busy.check()
         if self._mm is None:
@@ -452,10 +430,7 @@ class MmapStore:
     def __len__(self) -> int:
         return len(self.keys())
 
-    def __iter__(self) -> Iterator[str | bytes]:
-        return iter(self.keys())
-
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> MmapStats:
         """Counters for the whole file, plus this process's hits and misses.
 
         ``evictions`` counts unexpired entries dropped for room: if it grows,

@@ -271,7 +271,7 @@ def test_both_pagers_read_damaged_pages_alike(tmp_path: Path) -> None:
         path.write_bytes(bytes(data))
         with open(path, "r+b") as f:
             mm = mmap_mod.mmap(f.fileno(), 0)
-            host = _Host(str(path), 5.0, mm, os.dup(f.fileno()), PAGE, store._nslots)  # the host owns its fd
+            host = _Host(str(path), 5.0, mm, os.dup(f.fileno()), PAGE, store._nslots, store._codec)  # owns its fd
             c, py = _speedups.Pager(mm, *geo, host, 5.0), _pager.Pager(mm, *geo, host, 5.0)
             try:
                 for page in range(4):
