@@ -454,6 +454,16 @@ static double now_mono(void) {
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+#define LOCK_SPINS 32  /* x 16 pauses: about 1-2 us */
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
 static inline pthread_mutex_t *page_lock(Pager *self, Py_ssize_t page) {
     return (pthread_mutex_t *)((char *)self->view.buf + page_off(self, page) + OFF_LOCK);
 }
@@ -468,6 +478,12 @@ static int lock_page(Pager *self, Py_ssize_t page, double timeout) {
         if (load32((const char *)(words + self->fixed_at[i])) != self->fixed[i])
             return LOCK_WEDGED;  /* its type changed: the calls would misread it */
     int r = pthread_mutex_trylock(m);
+    /* a page is held for a microsecond or two: try a little longer before sleeping
+     * in the kernel, whose wake-up costs more than the wait */
+    for (int spin = 0; r == EBUSY && spin < LOCK_SPINS; spin++) {
+        for (int i = 0; i < 16; i++) cpu_relax();
+        r = pthread_mutex_trylock(m);
+    }
     if (r == EBUSY) {
         if (timeout <= 0) return LOCK_TIMEOUT;
         struct timespec end;
