@@ -106,7 +106,7 @@ def _libc() -> ctypes.CDLL:
     except AttributeError as e:
         raise UnsupportedPlatformError(
             f"this C library lacks robust mutexes with a monotonic timed lock ({e}); "
-            "prefork_sessions needs glibc >= 2.30 or musl >= 1.2.4"
+            "prefork_sessions needs glibc >= 2.30"
         ) from None
     return libc
 
