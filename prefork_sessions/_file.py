@@ -432,7 +432,7 @@ def _validate(fd: int, path: str) -> Geometry:
             "kept after deletion. Remove the other links (`find / -samefile` lists them) or delete it."
         )
     raw = os.pread(fd, L.OFF_HEADER_CRC + L.U32.size, 0)
-    if len(raw) < L.OFF_HEADER_CRC + L.U32.size or raw[:8] != L.MAGIC:
+    if len(raw) < L.OFF_HEADER_CRC + L.U32.size or raw[:len(L.MAGIC)] != L.MAGIC:
         raise FileFormatError(
             f"{path} is not a prefork_sessions store file (bad magic); it was left untouched. "
             "Delete it or choose another path."

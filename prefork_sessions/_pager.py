@@ -207,8 +207,8 @@ class Pager:
             if exp and exp <= now:
                 return None
             t = L.tick(now)
-            if u32[(so >> 2) + 1] != t:
-                u32[(so >> 2) + 1] = t  # LRU hint, deliberately unlocked (see _layout)
+            if u32[(so + L.SLOT_TICK) >> 2] != t:
+                u32[(so + L.SLOT_TICK) >> 2] = t  # LRU hint, deliberately unlocked (see _layout)
             return value
         return BUSY
 
@@ -290,7 +290,7 @@ class Pager:
             return False
         mm[po + bump:po + bump + span] = L.pack_entry(exp_at, h, flags, kb, vb)
         u32[(po + L.OFF_BUMP) >> 2] = bump + span  # the entry exists (invariant 3) ...
-        u32[(so >> 2) + 1] = L.tick(time.time())
+        u32[(so + L.SLOT_TICK) >> 2] = L.tick(time.time())
         u32[so >> 2] = bump  # ... then a slot points at it
         if old_eo:
             mm[old_eo + L.OFF_DEAD] = 1
