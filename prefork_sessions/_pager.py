@@ -39,6 +39,7 @@ class Busy(enum.Enum):
 
 BUSY = Busy.BUSY
 INSERT_BACKOFF = 50e-6  # seconds an insert waits before trying again when its second page stayed busy
+MAX_BACKOFFS = 20  # then it takes both pages in index order
 Update = Callable[[bytes | None], bytes]
 """Maps a key's old raw value (None: absent) to its new one, with the page locked."""
 
@@ -370,14 +371,17 @@ class Pager:
         so two inserts of one key cannot race, and an update locks only the page
         that holds it (``_layout`` invariant 6).  A new key goes to the roomier
         page; its second page is locked too only then, waiting only in index order
-        and otherwise just trying (a busy second page: stay home)."""
+        and otherwise just trying (a busy second page: stay home); after
+        MAX_BACKOFFS tries it takes both in index order, waiting as any locker does,
+        so a stuck or damaged lock times out or is reset instead of being tried for
+        ever."""
         kb, flags = self.key_of(key)
         if update is None and L.ENTRY_SIZE + len(kb) + len(vb) > self._ps - self._d0:
             raise self._host.too_large(len(kb), len(vb))
         exp_at = time.time() + life if life > 0 else 0.0
-        backoff = False
+        backoffs = 0
         while True:
-            if backoff:  # p2 stayed busy and p1 is released: let its holder finish
+            if backoffs:  # p2 stayed busy and p1 is released: let its holder finish
                 time.sleep(INSERT_BACKOFF)
             h, p1, p2, s0 = self.where(kb)
             po1, po2 = L.page_offset(self._ps, p1), L.page_offset(self._ps, p2)
@@ -394,8 +398,15 @@ class Pager:
                 finally:
                     self.unlock(p2)
                 continue  # deleted meanwhile: start over
-            self.hold(p1)
-            second = False
+            second = backoffs >= MAX_BACKOFFS and p2 < p1
+            if second:
+                self.hold(p2)
+            try:
+                self.hold(p1)
+            except BaseException:
+                if second:
+                    self.unlock(p2)
+                raise
             try:
                 so, eo, free = self.find_locked(p1, kb, h, s0)
                 if eo or p1 == p2:
@@ -403,10 +414,10 @@ class Pager:
                     return
                 # Not in p1; with p1 held nobody can insert it into p2, so what we
                 # see of p2 now is final (-1: p2 was too busy, or failed a check).
-                in2 = self.holds(po2, kb, h, s0)
+                in2 = -1 if second else self.holds(po2, kb, h, s0)
                 if in2 > 0:
                     continue
-                if in2 < 0 or roomier == p2:
+                if not second and (in2 < 0 or roomier == p2):
                     if p2 > p1:  # in index order: wait
                         self.hold(p2)
                         second = True
@@ -415,8 +426,8 @@ class Pager:
                         second = state != Locked.TIMEOUT
                         if state == Locked.DIRTY:
                             self.rebuild(p2)
-                backoff = in2 < 0 and not second
-                if backoff:
+                if in2 < 0 and not second:
+                    backoffs += 1
                     continue
                 if second:
                     so2, eo2, free2 = self.find_locked(p2, kb, h, s0)

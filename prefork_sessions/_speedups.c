@@ -50,6 +50,7 @@
 #define SPARE_VALID 1
 #define HOLDER_CHECK_AFTER 0.05  /* _locks.HOLDER_CHECK_AFTER */
 #define INSERT_BACKOFF_US 50     /* _pager.INSERT_BACKOFF */
+#define MAX_BACKOFFS 20          /* _pager.MAX_BACKOFFS */
 #define DAMAGED (-1)     /* the entry offset find() returns for a failed check */
 #define FIB 0x9E3779B1u  /* _layout.FIB */
 #define READ_TRIES 4     /* _pager.READ_TRIES */
@@ -1211,9 +1212,9 @@ static PyObject *Pager_update(Pager *self, PyObject *const *args, Py_ssize_t nar
 static PyObject *put_key(Pager *self, const char *k, Py_ssize_t klen, uint8_t flags, double exp,
                          PyObject *value, Updater *u) {
     Py_ssize_t so, eo, fr, so2, eo2, fr2;
-    int backoff = 0, r;
+    int backoffs = 0, r;
     for (;;) {
-        if (backoff) pause_us(INSERT_BACKOFF_US);  /* p2 stayed busy and p1 is released: let its holder finish */
+        if (backoffs) pause_us(INSERT_BACKOFF_US);  /* p2 stayed busy and p1 is released: let its holder finish */
         uint32_t h; Py_ssize_t p1, p2, s0;
         where(self, k, klen, &h, &p1, &p2, &s0);
         Py_ssize_t po1 = page_off(self, p1), po2 = page_off(self, p2);
@@ -1229,8 +1230,15 @@ static PyObject *put_key(Pager *self, const char *k, Py_ssize_t klen, uint8_t fl
             if (eo) Py_RETURN_NONE;
             continue;  /* deleted meanwhile: start over */
         }
-        if (lock_or_raise(self, p1, self->timeout) < 0) return NULL;
-        int second = 0;
+        /* p2 (below p1) stayed busy through MAX_BACKOFFS tries: take both in index
+         * order, waiting as any locker does (a stuck or damaged lock then times out
+         * or is reset, instead of being tried for ever) */
+        int second = backoffs >= MAX_BACKOFFS && p2 < p1;
+        if (second && lock_or_raise(self, p2, self->timeout) < 0) return NULL;
+        if (lock_or_raise(self, p1, self->timeout) < 0) {
+            if (second) unlock_page(self, p2);
+            return NULL;
+        }
         r = find_locked(self, p1, k, klen, h, s0, &so, &eo, &fr);
         if (r < 0) goto out;
         if (eo || p1 == p2) {
@@ -1239,9 +1247,9 @@ static PyObject *put_key(Pager *self, const char *k, Py_ssize_t klen, uint8_t fl
         }
         /* Not in p1; with p1 held nobody can insert it into p2, so what we see of p2
          * now is final (-1: p2 was too busy, or failed a check). */
-        in2 = holds(self, po2, k, klen, h, s0);
+        in2 = second ? -1 : holds(self, po2, k, klen, h, s0);
         if (in2 > 0) { r = 1; goto out; }
-        if (in2 < 0 || roomier == p2) {
+        if (!second && (in2 < 0 || roomier == p2)) {
             if (p2 > p1) {  /* in index order: wait */
                 if (lock_or_raise(self, p2, self->timeout) < 0) { r = -1; goto out; }
                 second = 1;
@@ -1254,8 +1262,7 @@ static PyObject *put_key(Pager *self, const char *k, Py_ssize_t klen, uint8_t fl
                 }
             }
         }
-        backoff = in2 < 0 && !second;
-        if (backoff) { r = 1; goto out; }
+        if (in2 < 0 && !second) { backoffs++; r = 1; goto out; }
         if (second) {
             r = find_locked(self, p2, k, klen, h, s0, &so2, &eo2, &fr2);
             if (r < 0) goto out;
@@ -1553,8 +1560,9 @@ PyMODINIT_FUNC PyInit__speedups(void) {
         Py_DECREF(m);
         return NULL;
     }
-    PyObject *tuning = Py_BuildValue("{sdsdsi}", "HOLDER_CHECK_AFTER", HOLDER_CHECK_AFTER,
-                                     "INSERT_BACKOFF", INSERT_BACKOFF_US / 1e6, "READ_TRIES", READ_TRIES);
+    PyObject *tuning = Py_BuildValue("{sdsdsisi}", "HOLDER_CHECK_AFTER", HOLDER_CHECK_AFTER,
+                                     "INSERT_BACKOFF", INSERT_BACKOFF_US / 1e6, "READ_TRIES", READ_TRIES,
+                                     "MAX_BACKOFFS", MAX_BACKOFFS);
     if (!tuning || PyModule_AddObject(m, "TUNING", tuning) < 0) {
         Py_XDECREF(tuning);
         Py_DECREF(m);

@@ -678,3 +678,48 @@ def test_closing_a_store_while_a_thread_holds_a_page_lock(pager_impl: str, tmp_p
                          check=False, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "ok", (
         f"exit {run.returncode}\n{run.stdout}\n{run.stderr[-3000:]}")
+
+
+@pytest.mark.parametrize("op", ["set", "get_and_set"])
+def test_a_stuck_second_page_below_the_first_is_waited_for_not_tried_forever(
+    make_store: Callable[..., MmapStore], op: str
+) -> None:
+    """An insert whose second page is below its first only tries that page's lock
+    (the other order would deadlock). When the second page stays unreadable (its seq
+    odd: a writer died there) and its lock busy with a holder that is no thread at
+    all (damage), the insert used to back off and try again for ever; now it takes
+    both pages in index order after a few tries, the damaged lock is reset, the page
+    repaired, and the write lands. In a child with a deadline, so a regression fails
+    instead of hanging."""
+    store = make_store(page_size=4096, cache_size=4096 * 8, serializer="raw")
+    for i in range(16):
+        store.set(f"old{i}", b"v%d" % i)
+    pager = store._pager
+    key = next(k for k in (f"new{i}" for i in range(10000))
+               if (lambda h, p1, p2, s0: p2 < p1)(*pager.where(k.encode())))
+    _, p1, p2, _ = pager.where(key.encode())
+    po2 = L.page_offset(store.page_size, p2)
+    with open(store.path, "r+b") as f, mmap.mmap(f.fileno(), 0) as mm:
+        seq = L.SEQ.unpack_from(mm, po2 + L.OFF_SEQ)[0]
+        L.SEQ.pack_into(mm, po2 + L.OFF_SEQ, seq | 1)  # a writer died there
+        L.U32.pack_into(mm, po2 + L.OFF_LOCK, 0x3FFFFFF0)  # held by no thread that exists
+
+    def child() -> None:
+        if op == "set":
+            store.set(key, b"landed")
+        else:
+            store.get_and_set(key, lambda old: b"landed")
+        assert store.get(key) == b"landed"
+
+    pid = fork(child)
+    deadline = time.monotonic() + 20
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the insert was still trying its second page after 20 s")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+    assert store.get(key) == b"landed"
+    assert all(store.get(f"old{i}") == b"v%d" % i for i in range(16))
+    assert store.check() == []

@@ -36,6 +36,7 @@ def test_the_c_pager_compiles_in_the_reference_constants() -> None:
         "HOLDER_CHECK_AFTER": _locks.HOLDER_CHECK_AFTER,
         "INSERT_BACKOFF": _pager.INSERT_BACKOFF,
         "READ_TRIES": _pager.READ_TRIES,
+        "MAX_BACKOFFS": _pager.MAX_BACKOFFS,
     }
 
 
