@@ -1472,27 +1472,38 @@ static PyTypeObject PagerType = {
  * as null)?  _serializers._has_non_finite is the reference: floats, dict keys and
  * values, list and tuple items, and the value of an instance of enum_type. */
 static int non_finite(PyObject *o, PyObject *enum_type) {
+    /* the common leaves first, by exact type: a session is mostly str, int, None */
+    if (PyUnicode_CheckExact(o) || PyLong_CheckExact(o) || o == Py_None || PyBool_Check(o)) return 0;
     if (PyFloat_Check(o)) return !isfinite(PyFloat_AS_DOUBLE(o));
     if (PyDict_Check(o)) {
         Py_ssize_t pos = 0;
         PyObject *k, *v;
         while (PyDict_Next(o, &pos, &k, &v)) {
-            int r = non_finite(k, enum_type);
+            Py_INCREF(k); Py_INCREF(v);  /* an enum's value is Python code: hold what we walk */
+            int r = PyUnicode_CheckExact(k) ? 0 : non_finite(k, enum_type);
             if (r == 0) r = non_finite(v, enum_type);
+            Py_DECREF(k); Py_DECREF(v);
             if (r) return r;
         }
         return 0;
     }
-    if (PyList_Check(o) || PyTuple_Check(o)) {
-        PyObject *seq = PySequence_Fast(o, "");
-        if (!seq) return -1;
-        int r = 0;
-        for (Py_ssize_t i = 0; r == 0 && i < PySequence_Fast_GET_SIZE(seq); i++)
-            r = non_finite(PySequence_Fast_GET_ITEM(seq, i), enum_type);
-        Py_DECREF(seq);
-        return r;
+    if (PyList_Check(o)) {
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(o); i++) {
+            PyObject *item = Py_NewRef(PyList_GET_ITEM(o, i));
+            int r = non_finite(item, enum_type);
+            Py_DECREF(item);
+            if (r) return r;
+        }
+        return 0;
     }
-    if (PyLong_Check(o) || PyUnicode_Check(o) || o == Py_None || PyBool_Check(o)) return 0;
+    if (PyTuple_Check(o)) {
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(o); i++) {
+            int r = non_finite(PyTuple_GET_ITEM(o, i), enum_type);
+            if (r) return r;
+        }
+        return 0;
+    }
+    if (PyLong_Check(o) || PyUnicode_Check(o)) return 0;
     int is_enum = PyObject_IsInstance(o, enum_type);
     if (is_enum <= 0) return is_enum;
     PyObject *value = PyObject_GetAttrString(o, "value");
