@@ -64,6 +64,16 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def reopen_inherited() -> list[MmapStore]:
+    """In a forked child: open now every store that was open when the process forked
+    (each would otherwise reopen on its first use); returns them.  Closed ones stay
+    closed, and stores opened since the fork are left as they are."""
+    stores = [store for store in list(_live_stores) if store.inherited]
+    for store in stores:
+        store.reopen()
+    return stores
+
+
 def default_path(app_name: str | None) -> str:
     """``<tempdir>/<app_name>_session_data``, as Cache::FastMmap's session store names it."""
     if app_name is not None and (type(app_name) is not str or not app_name.isprintable() or "/" in app_name):
@@ -223,6 +233,11 @@ class MmapStore(StoreBase):
         self._stale = True
         self._busy = CallbackThreads()
         self._open_lock = threading.Lock()
+
+    @property
+    def inherited(self) -> bool:
+        """True in a forked child until the store reopens the file it inherited."""
+        return self._stale
 
     def reopen(self) -> None:
         """Re-open and re-map the same file (call in a worker after fork; idempotent)."""

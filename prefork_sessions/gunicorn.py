@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import operator
 import os
 import pwd
 import stat
@@ -31,10 +30,10 @@ import sys
 from collections.abc import Mapping
 from typing import Protocol
 
-from ._errors import InvalidArgumentError, SessionStoreError, StoreClosedError
+from ._errors import InvalidArgumentError, SessionStoreError
 from ._redis import RedisStore
 from ._session import SessionOptions
-from ._store import MmapStore, _live_stores
+from ._store import MmapStore, reopen_inherited
 
 __all__ = [
     "APP_NAME",
@@ -168,18 +167,7 @@ def reopen_stores() -> list[MmapStore]:
     go of the parent's descriptor and mapping); doing it here opens the files while
     the process still has the parent's privileges.  A store closed before the fork
     stays closed; one opened since is left as it is."""
-    stores = []
-    for store in list(_live_stores):
-        try:
-            operator.contains(store, _PROBE)  # a first use after a fork opens the file
-        except StoreClosedError:
-            continue
-        stores.append(store)
-    return stores
-
-
-_PROBE = "prefork_sessions.gunicorn"
-"""A key looked up (lock-free, never written) only to make a store open its file."""
+    return reopen_inherited()
 
 
 def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
