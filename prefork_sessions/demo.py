@@ -28,17 +28,9 @@ from ._redis import RedisStore
 from ._session import MIN_SECRET_BYTES
 from ._store import MmapStore
 from ._wsgi import SessionRequest, with_session
+from .gunicorn import APP_NAME, DEFAULT_SIZE, PATH_ENV, REDIS_ENV, SECRET_ENV, SIZE_ENV
 
-PATH_ENV = "PREFORK_SESSIONS_PATH"
-"""Store file path; unset means ``<tempdir>/prefork_sessions_demo_session_data``."""
-SIZE_ENV = "PREFORK_SESSIONS_SIZE"
-"""Store size in bytes, used when the file is created."""
-REDIS_ENV = "PREFORK_SESSIONS_REDIS_URL"
-"""A redis:// URL: keep the sessions in Redis instead of the file."""
-SECRET_ENV = "PREFORK_SESSIONS_SECRET"
-"""Secret for the session-id digest (``SessionOptions.secret``); unset or empty: none."""
-APP_NAME = "prefork_sessions_demo"
-DEFAULT_SIZE = 16 << 20
+# the settings the gunicorn hooks read too: one definition, in prefork_sessions.gunicorn
 
 
 def store_size(environ: Mapping[str, str] = os.environ) -> int:
