@@ -30,7 +30,7 @@ from ._session import MIN_SECRET_BYTES
 from ._store import MmapStore
 from .gunicorn import APP_NAME, DEFAULT_SIZE, PATH_ENV, REDIS_ENV, SECRET_ENV, SIZE_ENV
 
-__all__ = ["JSON", "PAGES", "page", "open_store", "session_secret", "store_size", "wants_html"]
+__all__ = ["JSON", "PAGES", "open_store", "page", "session_secret", "store_size", "wants_html"]
 
 JSON = "application/json"
 HTML = "text/html; charset=utf-8"

@@ -44,6 +44,7 @@ Rules
 from __future__ import annotations
 
 import copy
+import enum
 import hashlib
 import logging
 import math
@@ -53,7 +54,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal, Protocol, TypeGuard
+from typing import Any, Literal, NamedTuple, Protocol, TypeGuard
 
 from werkzeug.http import dump_cookie
 from werkzeug.sansio.http import parse_cookie
@@ -66,12 +67,18 @@ __all__ = [
     "DEFAULT_LIFETIME",
     "MAX_LIFETIME",
     "MIN_SECRET_BYTES",
+    "Plan",
+    "Saved",
     "Session",
     "SessionManager",
     "SessionOptions",
     "SessionStore",
+    "StoreKeys",
+    "changes",
     "is_valid_session_id",
+    "merge_changes",
     "new_session_id",
+    "now",
 ]
 
 log = logging.getLogger("prefork_sessions")
@@ -108,6 +115,11 @@ _FLASHES = "f"
 # The clock for session expiry (epoch seconds); a module attribute so tests
 # can move time without touching the store.
 _clock: Callable[[], float] = time.time
+
+
+def now() -> float:
+    """The session clock, epoch seconds: what every session expiry is measured against."""
+    return _clock()
 
 Flash = tuple[str, Any]  # (category, message)
 
@@ -249,6 +261,87 @@ def _secret_bytes(secret: object) -> bytes:
     if len(raw) < MIN_SECRET_BYTES:
         raise InvalidArgumentError(f"secret is {len(raw)} bytes long, too short: {how}")
     return raw
+
+
+class StoreKeys:
+    """One-way store keys of session ids: ``prefix`` + 64 hex digits of a digest of the id.
+
+    With ``secrets`` (current first, then fallbacks) the digest is keyed BLAKE2b-256,
+    its key a BLAKE2b of the secret personalised with ``person``; without, SHA-256.
+    Whoever reads the store learns digests, never an id a cookie could carry.
+    """
+
+    __slots__ = ("_keys", "_prefix")
+
+    def __init__(
+        self, prefix: str, secrets: Sequence[bytes] = (), person: bytes = _SECRET_PERSON
+    ) -> None:
+        self._prefix = prefix
+        self._keys = tuple(
+            hashlib.blake2b(s, digest_size=32, person=person).digest() for s in secrets
+        )
+
+    def __call__(self, sid: str) -> str:
+        """The key ``sid`` is stored under now (with the current secret)."""
+        raw = sid.encode()
+        if not self._keys:
+            return self._prefix + hashlib.sha256(raw).hexdigest()
+        return self._prefix + hashlib.blake2b(raw, key=self._keys[0], digest_size=32).hexdigest()
+
+    def fallbacks(self, sid: str) -> list[str]:
+        """The keys ``sid`` was stored under with each fallback secret, in order."""
+        raw = sid.encode()
+        return [
+            self._prefix + hashlib.blake2b(raw, key=key, digest_size=32).hexdigest()
+            for key in self._keys[1:]
+        ]
+
+
+def changes(base: Mapping[str, Any], data: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """(changed, deleted): the keys of ``data`` whose value differs from ``base``'s
+    (deeply, telling 1, 1.0 and True apart) or is new, and the keys of ``base``
+    that ``data`` lacks.  For front ends that cannot track each change (Django)."""
+    changed = [k for k, v in data.items() if k not in base or not _same(v, base[k])]
+    return changed, [k for k in base if k not in data]
+
+
+def merge_changes(
+    stored: dict[str, Any], data: Mapping[str, Any], changed: Iterable[str], deleted: Iterable[str]
+) -> dict[str, Any]:
+    """``stored`` (the latest stored data) with this request's changes applied: the
+    ``changed`` keys take ``data``'s values, the ``deleted`` ones go.  Every other
+    key keeps what a concurrent request may have written meanwhile."""
+    for key in changed:
+        stored[key] = data[key]
+    for key in deleted:
+        stored.pop(key, None)
+    return stored
+
+
+class Plan(enum.Enum):
+    """How a save wrote a session; every front end (werkzeug, Flask, Django) saves by one."""
+
+    NOTHING = "nothing"  # nothing to write: unused, unchanged, a 5xx, or new and empty
+    WHOLE = "whole"  # new or rotated: written whole under its (fresh) id
+    MERGE = "merge"  # changed keys applied to the latest stored copy
+    REFRESH = "refresh"  # unchanged, expiry re-saved (sliding expiry)
+    END = "end"  # invalidated and left empty: the stored copy deleted
+    VANISHED = "vanished"  # a merge or refresh found the stored copy gone: nothing written
+
+
+class Saved(NamedTuple):
+    """What :meth:`SessionManager.finish` did for a response, for the front end to send."""
+
+    plan: Plan
+    cookie: Literal["keep", "set", "expire"]  # leave the cookie, (re)send it, expire it
+    expires: float = 0.0  # with "set": the stored expiry, epoch seconds
+    vary: bool = False  # the response depends on the cookie (the session was used)
+
+
+_UNUSED = Saved(Plan.NOTHING, "keep")  # never loaded: no store access, no Vary
+_UNCHANGED = Saved(Plan.NOTHING, "keep", vary=True)  # also a 5xx: saves nothing
+_ENDED = Saved(Plan.END, "expire", vary=True)
+_GONE = Saved(Plan.VANISHED, "keep", vary=True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -602,6 +695,10 @@ class Session(MutableMapping[str, Any]):
         self._sid = new_session_id()
         self._rotated = True
 
+    def _stored(self, expires: float) -> None:
+        """The manager saved this session, to expire at ``expires``."""
+        self._new, self._expires = False, expires
+
     def invalidate(self) -> None:
         """Drop the session and its data (call on logout).
 
@@ -687,12 +784,10 @@ class SessionManager:
     def __init__(self, store: SessionStore, options: SessionOptions) -> None:
         self.store = store
         self.options = options
-        self._prefix = options.key_prefix
-        self._id_key: bytes | None = None
-        if options.secret is not None:
-            self._id_key = hashlib.blake2b(
-                _secret_bytes(options.secret), digest_size=32, person=_SECRET_PERSON
-            ).digest()
+        secrets = () if options.secret is None else (_secret_bytes(options.secret),)
+        self.store_key = StoreKeys(options.key_prefix, secrets)
+        """The store key of a session id: ``key_prefix`` + 64 hex digits of a one-way
+        digest of it (keyed BLAKE2b-256 with a secret, else SHA-256)."""
         self._lifetime = options.lifetime
         self._threshold = options.threshold
         self._max_age = math.ceil(options.lifetime)
@@ -729,15 +824,6 @@ class SessionManager:
         """Return the (lazily loaded) session for the request's cookie values."""
         return Session(self, cookie_values)
 
-    def store_key(self, sid: str) -> str:
-        """The store key of session id ``sid``: ``key_prefix`` + 64 hex digits of a
-        one-way digest of it (keyed BLAKE2b-256 with a secret, else SHA-256)."""
-        raw = sid.encode()
-        key = self._id_key
-        if key is None:
-            return self._prefix + hashlib.sha256(raw).hexdigest()
-        return self._prefix + hashlib.blake2b(raw, key=key, digest_size=32).hexdigest()
-
     def fetch(self, sid: str) -> Any:
         """Return the stored value for ``sid``, or None (also for undecodable values)."""
         try:
@@ -749,19 +835,20 @@ class SessionManager:
             log.warning("stored session could not be read (%s); starting a new session", reason)
             return None
 
-    def finish(self, session: Session, status: int) -> list[tuple[str, str]] | None:
-        """Save ``session`` for a response with HTTP ``status``.
+    def finish(self, session: Session, status: int) -> Saved:
+        """Save ``session`` for a response with HTTP ``status``; say what was done.
 
-        Returns the headers to add (Set-Cookie, Vary), or None when the save
-        failed: the error was logged, nothing was written, and the caller must
-        answer 500.  A 5xx ``status`` saves nothing.
+        A 5xx ``status`` saves nothing.  Raises the store's SessionStoreError
+        when the save failed: nothing was written, the stored session is as it
+        was, the reason is logged (never with the id), and the front end
+        answers 500.
         """
         if not session._loaded:
-            return []
+            return _UNUSED
         if status >= 500:
-            return [_VARY_COOKIE]
+            return _UNCHANGED
         try:
-            cookie = self._save(session)
+            return self._save(session)
         except SessionStoreError as e:
             # The store's message names the key (a digest: no secret) and may quote
             # a value, which an app may have made hold the id: never log a session id.
@@ -776,73 +863,20 @@ class SessionManager:
                 reason,
                 sorted(session.changed_keys()),
             )
-            return None
-        if cookie is None:
+            raise
+
+    def headers(self, saved: Saved, session: Session) -> list[tuple[str, str]]:
+        """The response headers (Vary, Set-Cookie) that send ``saved`` for ``session``."""
+        if not saved.vary:
+            return []
+        if saved.cookie == "keep":
             return [_VARY_COOKIE]
-        return [_VARY_COOKIE, ("Set-Cookie", cookie)]
+        if saved.cookie == "set":
+            return [_VARY_COOKIE, ("Set-Cookie", self.cookie_header(session._sid, saved.expires))]
+        return [_VARY_COOKIE, ("Set-Cookie", self.expired_cookie_header())]
 
-    # -- internals ----------------------------------------------------------------
-
-    def _save(self, s: Session) -> str | None:
-        """Write what changed; return the Set-Cookie value to send, if any.
-
-        The cookie goes out exactly when the stored expiry was set (a new,
-        rotated or changed session, or a sliding refresh), so its Max-Age and
-        Expires always match the server's; and when an invalidation expires it.
-        """
-        store, key_of, lifetime = self.store, self.store_key, self._lifetime
-        now = _clock()
-        expires = now + lifetime
-        if s._new or s._rotated:
-            flashes = s._remaining_flashes()
-            if s._new and not s._data and not flashes:
-                for sid in s._dead_ids:
-                    store.delete(key_of(sid))
-                return self._expired_cookie() if s._invalidated else None
-            value = {_DATA: s._data, _EXPIRES: expires, _FLASHES: flashes}
-            store.set(key_of(s._sid), value, expire=lifetime)
-            for sid in s._dead_ids:
-                store.delete(key_of(sid))
-            return self._cookie(s._sid, expires)
-        # Neither new, rotated nor invalidated (that makes it new): this is `modified`.
-        # Keys only enter _data through __setitem__, which records them in _set_keys:
-        # with none recorded, handed out or forced, and no key fewer, nothing changed.
-        if s._set_keys or s._snapshots or s._force or len(s._data) != len(s._base):
-            changed, deleted = s.changed_keys(), s.deleted_keys()
-        else:
-            changed = deleted = _NOTHING
-        if changed or deleted or s._force or s._new_flashes or s._consumed:
-            mine = s._data
-
-            def merge(current: Any) -> Any:
-                parsed = _parse_stored(current, now)
-                if parsed is None:
-                    raise _Vanished
-                data, _, stored_flashes = parsed
-                for key in changed:
-                    data[key] = mine[key]
-                for key in deleted:
-                    data.pop(key, None)
-                return {_DATA: data, _EXPIRES: expires, _FLASHES: s._merge_flashes(stored_flashes)}
-
-        elif s._expires - now < self._threshold:
-
-            def merge(current: Any) -> Any:
-                if _parse_stored(current, now) is None:
-                    raise _Vanished
-                current[_EXPIRES] = expires
-                return current
-
-        else:
-            return None
-        try:
-            store.get_and_set(key_of(s._sid), merge, expire=lifetime)
-        except _Vanished:
-            log.info("session ended by another request before this one saved; changes dropped")
-            return None
-        return self._cookie(s._sid, expires)
-
-    def _cookie(self, sid: str, expires: float) -> str:
+    def cookie_header(self, sid: str, expires: float) -> str:
+        """The Set-Cookie value that gives a browser ``sid`` until ``expires`` (epoch s)."""
         template = self._cookie_template
         if template is not None:
             return f"{template[0]}{sid}{template[1]}{_http_date(int(expires))}{template[2]}"
@@ -854,7 +888,72 @@ class SessionManager:
             **self._cookie_attributes,
         )
 
-    def _expired_cookie(self) -> str:
+    def expired_cookie_header(self) -> str:
+        """The Set-Cookie value that makes a browser drop the session cookie."""
         return dump_cookie(
             self.options.cookie_name, "", max_age=0, expires=0, **self._cookie_attributes
         )
+
+    # -- internals ----------------------------------------------------------------
+
+    def _save(self, s: Session) -> Saved:
+        """Write what changed, by the session's plan.
+
+        The cookie is sent exactly when the stored expiry was set (a new,
+        rotated or changed session, or a sliding refresh), so its Max-Age and
+        Expires always match the server's; and expired with an invalidation.
+        """
+        store, key_of, lifetime = self.store, self.store_key, self._lifetime
+        now = _clock()
+        expires = now + lifetime
+        if s._new or s._rotated:
+            flashes = s._remaining_flashes()
+            if s._new and not s._data and not flashes:
+                for sid in s._dead_ids:
+                    store.delete(key_of(sid))
+                return _ENDED if s._invalidated else _UNCHANGED
+            value = {_DATA: s._data, _EXPIRES: expires, _FLASHES: flashes}
+            store.set(key_of(s._sid), value, expire=lifetime)
+            for sid in s._dead_ids:
+                store.delete(key_of(sid))
+            s._stored(expires)
+            return Saved(Plan.WHOLE, "set", expires, True)
+        # Neither new, rotated nor invalidated (that makes it new): this is `modified`.
+        # Keys only enter _data through __setitem__, which records them in _set_keys:
+        # with none recorded, handed out or forced, and no key fewer, nothing changed.
+        if s._set_keys or s._snapshots or s._force or len(s._data) != len(s._base):
+            changed, deleted = s.changed_keys(), s.deleted_keys()
+        else:
+            changed = deleted = _NOTHING
+        if changed or deleted or s._force or s._new_flashes or s._consumed:
+            plan, mine = Plan.MERGE, s._data
+
+            def merge(current: Any) -> Any:
+                parsed = _parse_stored(current, now)
+                if parsed is None:
+                    raise _Vanished
+                data, _, stored_flashes = parsed
+                return {
+                    _DATA: merge_changes(data, mine, changed, deleted),
+                    _EXPIRES: expires,
+                    _FLASHES: s._merge_flashes(stored_flashes),
+                }
+
+        elif s._expires - now < self._threshold:
+            plan = Plan.REFRESH
+
+            def merge(current: Any) -> Any:
+                if _parse_stored(current, now) is None:
+                    raise _Vanished
+                current[_EXPIRES] = expires
+                return current
+
+        else:
+            return _UNCHANGED
+        try:
+            store.get_and_set(key_of(s._sid), merge, expire=lifetime)
+        except _Vanished:
+            log.info("session ended by another request before this one saved; changes dropped")
+            return _GONE
+        s._stored(expires)
+        return Saved(plan, "set", expires, True)

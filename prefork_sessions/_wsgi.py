@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from werkzeug.exceptions import HTTPException, InternalServerError
 from werkzeug.wrappers import Request, Response
 
+from ._errors import SessionStoreError
 from ._session import (
     Session,
     SessionManager,
@@ -72,10 +73,12 @@ def with_session(
                     response = e.get_response(environ)
                 if not isinstance(response, Response):
                     response = Response.force_type(response, environ)
-                extra = manager.finish(session, response.status_code)
-                if extra is None:
+                try:
+                    extra = manager.headers(manager.finish(session, response.status_code), session)
+                except SessionStoreError:  # logged by the manager; nothing was written
                     response = InternalServerError().get_response(environ)
-                elif extra:
+                    extra = []
+                if extra:
                     # Added to the final header list, not to response.headers: werkzeug's
                     # Headers cost several microseconds a call (and raise and catch a
                     # KeyError for every absent header looked up).
@@ -140,12 +143,13 @@ class _Call:
             code = int(status.split(None, 1)[0])
         except (ValueError, IndexError):  # not "NNN reason": the server will refuse it anyway
             code = 500
-        extra = self.manager.finish(self.session, code)
-        if extra is None:
+        try:
+            extra = self.manager.headers(self.manager.finish(self.session, code), self.session)
+        except SessionStoreError:  # logged by the manager; nothing was written
             self.failed = True
             self.outer("500 INTERNAL SERVER ERROR", self._error_headers())
             return lambda data: None  # the app's own body is dropped
-        return self.outer(status, _with_headers(headers, extra))
+        return self.outer(status, _with_headers(headers, extra) if extra else headers)
 
     def _error_headers(self) -> list[tuple[str, str]]:
         body = self.error_body()[0]

@@ -86,6 +86,6 @@ if not settings.configured:
     settings.configure(**_settings())
 django.setup()
 
-from django.core.wsgi import get_wsgi_application  # noqa: E402  # after settings, as Django asks
+from django.core.wsgi import get_wsgi_application  # type: ignore[import-untyped]  # after settings, as Django asks
 
 application = get_wsgi_application()

@@ -17,8 +17,10 @@ Rules
 -----
 1. The store never holds a session key: a record lives under
    ``django.session:`` + keyed BLAKE2b-256 of the key, the BLAKE2b key derived
-   from ``SECRET_KEY``; whoever reads the 0640 file learns no usable cookie.
-   Rotating ``SECRET_KEY`` ends every session (fallbacks are not consulted).
+   from ``SECRET_KEY`` (the core's ``StoreKeys``); whoever reads the 0640 file
+   learns no usable cookie.  Rotating ``SECRET_KEY`` ends every session, but for
+   those found under a key of ``SECRET_KEY_FALLBACKS``: these load, and move to
+   the current key when next saved.
 2. A record is ``SessionBase.encode(data)`` (Django's signed, serialised form,
    ``SESSION_SERIALIZER``) and expires in the store after ``get_expiry_age()``
    seconds; an age of 0 or less expires it at once (nothing is stored).
@@ -26,17 +28,17 @@ Rules
    (``get_and_set``), else ``CreateError``.  Any other save writes only if the
    record still exists, else ``UpdateError``: a session deleted by a concurrent
    logout is never brought back.
-4. A save of a loaded session is a key-level merge into the latest record: the
-   keys this request changed or deleted (compared with the record as loaded) are
-   applied to it, so concurrent requests changing different keys keep both.
+4. A save of a loaded session is a key-level merge into the latest record (the
+   core's plan ``MERGE``): the keys this request changed or deleted, compared
+   with the record as loaded, are applied to it, so concurrent requests changing
+   different keys keep both.  A new session is written whole (``WHOLE``); one
+   whose expiry age is 0 or less is deleted (``END``).
 5. ``load()`` of an unknown, expired or undecodable record returns ``{}`` and
    drops the key, so the next save makes a new one; it never creates a record.
 """
 
 from __future__ import annotations
 
-import hashlib
-import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,8 +51,9 @@ from django.contrib.sessions.backends.base import (  # type: ignore[import-untyp
 
 from ._base import StoreBase
 from ._errors import InvalidArgumentError, SessionStoreError
-from ._redis import RedisStore
-from ._store import DEFAULT_CACHE_SIZE, MmapStore, default_path
+from ._session import Plan, StoreKeys, changes, merge_changes
+from ._shared import close_shared, shared_mmap, shared_redis
+from ._store import DEFAULT_CACHE_SIZE, default_path
 
 __all__ = ["KEY_PREFIX", "SETTING", "SessionStore", "close_stores", "get_store", "store_key"]
 
@@ -61,10 +64,9 @@ _KEYS = frozenset({"path", "cache_size", "redis_url"})
 # the key differs from every other use Django makes of SECRET_KEY.
 _SECRET_PERSON = b"pfs.django"
 _CREATE_TRIES = 100  # a CreateError means a concurrent creator took the same random key
+_MAX_KEYRINGS = 16  # StoreKeys kept for (SECRET_KEY, SECRET_KEY_FALLBACKS) sets
 
-_stores: dict[tuple[str, Any], StoreBase] = {}
-_stores_lock = threading.Lock()
-_digest_keys: dict[str, bytes] = {}
+_keyrings: dict[tuple[bytes, ...], StoreKeys] = {}
 
 
 class _Refused(Exception):
@@ -108,40 +110,35 @@ def get_store() -> StoreBase:
     (StorePathError, UnsafeFileError...) when the file cannot be used.
     """
     path, cache_size, url = _options()
-    where = url if url is not None else path or _default_path()
-    ident = ("redis" if url is not None else "mmap", where)
-    store = _stores.get(ident)
-    if store is None:
-        with _stores_lock:
-            store = _stores.get(ident)
-            if store is None:
-                if url is not None:
-                    store = RedisStore(url, serializer="raw")
-                else:
-                    store = MmapStore(where, cache_size=cache_size, serializer="raw")
-                _stores[ident] = store
-    return store
+    if url is not None:
+        return shared_redis(url, serializer="raw")
+    return shared_mmap(path or _default_path(), serializer="raw", cache_size=cache_size)
 
 
 def close_stores() -> None:
-    """Close every store get_store() opened in this process (the next use opens
+    """Close every store the adapters opened in this process (the next use opens
     them again): for tests that change settings.PREFORK_SESSIONS, and shutdown."""
-    with _stores_lock:
-        stores = list(_stores.values())
-        _stores.clear()
-    for store in stores:
-        store.close()
+    close_shared()
+
+
+def _keyring() -> StoreKeys:
+    """StoreKeys for SECRET_KEY, then each of SECRET_KEY_FALLBACKS."""
+    secrets = tuple(
+        s.encode() if isinstance(s, str) else bytes(s)
+        for s in (settings.SECRET_KEY, *getattr(settings, "SECRET_KEY_FALLBACKS", ()))
+    )
+    keys = _keyrings.get(secrets)
+    if keys is None:
+        if len(_keyrings) >= _MAX_KEYRINGS:
+            _keyrings.clear()
+        keys = _keyrings[secrets] = StoreKeys(KEY_PREFIX, secrets, person=_SECRET_PERSON)
+    return keys
 
 
 def store_key(session_key: str) -> str:
     """The store key of ``session_key``: KEY_PREFIX + 64 hex digits of keyed
     BLAKE2b-256, keyed by a digest of ``settings.SECRET_KEY``."""
-    secret = settings.SECRET_KEY
-    key = _digest_keys.get(secret)
-    if key is None:
-        raw = secret.encode() if isinstance(secret, str) else bytes(secret)
-        key = _digest_keys[secret] = hashlib.blake2b(raw, digest_size=32, person=_SECRET_PERSON).digest()
-    return KEY_PREFIX + hashlib.blake2b(session_key.encode(), key=key, digest_size=32).hexdigest()
+    return _keyring()(session_key)
 
 
 class SessionStore(SessionBase):  # type: ignore[misc]  # SessionBase is untyped (Any)
@@ -150,8 +147,9 @@ class SessionStore(SessionBase):  # type: ignore[misc]  # SessionBase is untyped
     def __init__(self, session_key: str | None = None) -> None:
         super().__init__(session_key)
         self._store = get_store()
-        # (session key, record as loaded): the base of the merge in save().
-        self._loaded: tuple[str, bytes] | None = None
+        # (session key, record as loaded, store key it was found under): the base
+        # of the merge in save(), and where a fallback-keyed record came from.
+        self._loaded: tuple[str, bytes, str] | None = None
 
     def _record(self, data: dict[str, Any]) -> bytes:
         encoded: str = self.encode(data)
@@ -163,11 +161,14 @@ class SessionStore(SessionBase):  # type: ignore[misc]  # SessionBase is untyped
 
     def load(self) -> dict[str, Any]:
         key = self.session_key
-        record = None if key is None else self._store.get(store_key(key))
-        if key is not None and record is not None:
-            # An undecodable record reads as {} (Django logs it), as in Django's own engines.
-            self._loaded = (key, record)
-            return self._data(record)
+        if key is not None:
+            keys = _keyring()
+            for skey in (keys(key), *keys.fallbacks(key)):
+                record = self._store.get(skey)
+                if record is not None:
+                    # An undecodable record reads as {} (Django logs it), as in its own engines.
+                    self._loaded = (key, record, skey)
+                    return self._data(record)
         self._session_key = None
         self._loaded = None
         return {}
@@ -175,7 +176,8 @@ class SessionStore(SessionBase):  # type: ignore[misc]  # SessionBase is untyped
     def exists(self, session_key: str | None) -> bool:
         if not session_key:
             return False
-        return store_key(session_key) in self._store
+        keys = _keyring()
+        return any(k in self._store for k in (keys(session_key), *keys.fallbacks(session_key)))
 
     def create(self) -> None:
         for _ in range(_CREATE_TRIES):
@@ -191,6 +193,15 @@ class SessionStore(SessionBase):  # type: ignore[misc]  # SessionBase is untyped
             f"Check that nothing else writes {KEY_PREFIX!r} keys into the session store."
         )
 
+    def _plan(self, key: str, must_create: bool, age: float) -> tuple[Plan, dict[str, Any]]:
+        """The core's save plan for this save, and the data as loaded (MERGE's base)."""
+        if age <= 0:
+            return Plan.END, {}
+        loaded = self._loaded
+        if must_create or loaded is None or loaded[0] != key:
+            return Plan.WHOLE, {}
+        return Plan.MERGE, self._data(loaded[1])
+
     def save(self, must_create: bool = False) -> None:
         if self.session_key is None:
             self.create()
@@ -199,47 +210,53 @@ class SessionStore(SessionBase):  # type: ignore[misc]  # SessionBase is untyped
         data: dict[str, Any] = self._get_session(no_load=must_create)
         age = self.get_expiry_age()
         skey = store_key(key)
-        record = self._record(data)
-        if age <= 0:
+        plan, base = self._plan(key, must_create, age)
+        moved_from = self._loaded[2] if plan is Plan.MERGE and self._loaded else skey
+        if plan is Plan.END:
             # Expired already: leave no record, but keep the create/update contract.
             if must_create:
                 if skey in self._store:
                     raise CreateError
-            elif not self._store.delete(skey):
+            elif not (self._store.delete(skey) | self._store.delete(moved_from)):
                 raise UpdateError
             self._loaded = None
             return
-        loaded = self._loaded
-        base = None
-        if not must_create and loaded is not None and loaded[0] == key:
-            base = self._data(loaded[1])
+        record = self._record(data)
+        changed, deleted = changes(base, data) if plan is Plan.MERGE else ([], [])
+        if moved_from != skey:  # found under a fallback key: move it to the current one
+            current = self._store.get(moved_from)
+            if current is not None:
+                merged = merge_changes(self._data(current), data, changed, deleted)
+                self._store.set(skey, self._record(merged), expire=age)
+            if current is None or not self._store.delete(moved_from):
+                # Deleted meanwhile (a logout deletes under every key): logout wins.
+                self._store.delete(skey)
+                raise UpdateError
+            self._loaded = (key, record, skey)
+            return
 
         def write(current: bytes | None) -> bytes:
             if (current is not None) if must_create else (current is None):
                 raise _Refused
-            if base is None or current is None:
+            if plan is not Plan.MERGE or current is None:
                 return record
-            merged = self._data(current)
-            for k, v in data.items():
-                if k not in base or base[k] != v:
-                    merged[k] = v
-            for k in base.keys() - data.keys():
-                merged.pop(k, None)
-            return self._record(merged)
+            return self._record(merge_changes(self._data(current), data, changed, deleted))
 
         try:
             self._store.get_and_set(skey, write, expire=age)
         except _Refused:
             raise (CreateError if must_create else UpdateError) from None
         # The next save of this object merges what changed since this one.
-        self._loaded = (key, record)
+        self._loaded = (key, record, skey)
 
     def delete(self, session_key: str | None = None) -> None:
         if session_key is None:
             if self.session_key is None:
                 return
             session_key = self.session_key
-        self._store.delete(store_key(session_key))
+        keys = _keyring()
+        for skey in (keys(session_key), *keys.fallbacks(session_key)):
+            self._store.delete(skey)
 
     @classmethod
     def clear_expired(cls) -> None:

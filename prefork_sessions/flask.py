@@ -44,9 +44,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import os
 import re
-import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, NamedTuple, overload
@@ -55,19 +53,19 @@ from flask import Flask, Request, Response
 from flask.json.tag import TaggedJSONSerializer
 from flask.sessions import SessionInterface, SessionMixin, session_json_serializer
 
-from . import _session as _core
 from ._base import StoreBase
-from ._errors import InvalidArgumentError, SerializationError, SessionStoreError
-from ._redis import RedisStore
+from ._errors import InvalidArgumentError, SerializationError
 from ._session import (
     DEFAULT_KEY_PREFIX,
     Session,
     SessionManager,
     SessionOptions,
     SessionStore,
+    now,
     request_cookie_values,
 )
-from ._store import MmapStore, default_path
+from ._shared import shared_mmap, shared_redis
+from ._store import default_path
 
 __all__ = ["REFRESH_INTERVAL", "PreforkSession", "PreforkSessionInterface", "default_store_path",
            "init_app"]
@@ -311,8 +309,8 @@ class PreforkSession(SessionMixin):
 
     def finish(self, status: int, refresh_each_request: bool) -> _Cookie:
         """Save for a response with HTTP ``status`` (PreforkSessionInterface calls this)
-        and say what to do with the cookie.  Raises SessionStoreError if the save
-        failed (logged by the core, nothing written)."""
+        and say what to do with the cookie.  Raises the store's SessionStoreError
+        if the save failed (logged by the core, nothing written): Flask answers 500."""
         core = self._core
         if not core.accessed:  # never loaded: nothing to save
             return _NO_COOKIE
@@ -320,21 +318,15 @@ class PreforkSession(SessionMixin):
         touched = changed or self._assigned
         if changed and not new and not len(core):
             core.invalidate()  # emptied: Flask's session would drop its cookie (rule 5)
-        now = _core._clock()
-        headers = self._manager.finish(core, status)
-        if headers is None:
-            raise SessionStoreError(
-                "the session was not saved; the log entry 'session not saved' above says why. "
-                "The stored session was left unchanged."
-            )
-        sent = any(name == "Set-Cookie" for name, _ in headers)
+        saved = self._manager.finish(core, status)  # a SessionStoreError goes to Flask
+        sent = saved.cookie != "keep"
         if not len(core):
             # The core sends a cookie for an empty session only to expire it.
             return _Cookie("delete") if sent else _NO_COOKIE
         permanent = self.permanent
         if sent:
             if permanent:
-                return _Cookie("set", now + self._manager.options.lifetime)
+                return _Cookie("set", saved.expires)
             if touched or new or self._cookies.by_fallback:
                 return _Cookie("set")
             return _NO_COOKIE  # an expiry refresh: a browser-session cookie has none to move
@@ -352,18 +344,6 @@ class PreforkSession(SessionMixin):
 
 
 # -- stores -----------------------------------------------------------------------------
-
-_shared: dict[str, StoreBase] = {}  # one store per file (or Redis URL) per process
-_shared_lock = threading.Lock()
-
-
-def _shared_store(key: str, make: Callable[[], StoreBase]) -> StoreBase:
-    with _shared_lock:
-        store = _shared.get(key)
-        if store is None:
-            store = _shared[key] = make()
-        return store
-
 
 def default_store_path(app: Flask) -> str:
     """Where an app's store file goes when no path is given:
@@ -433,16 +413,12 @@ class PreforkSessionInterface(SessionInterface):
         return tagged
 
     def _open_store(self, app: Flask) -> StoreBase:
-        url = self._redis_url
-        if url is not None:
-            return _shared_store(f"redis:{url}", lambda: RedisStore(url))
-        path = os.path.abspath(self._path) if self._path is not None else default_store_path(app)
-        size = self._cache_size
-
-        def make() -> StoreBase:
-            return MmapStore(path) if size is None else MmapStore(path, cache_size=size)
-
-        return _shared_store(f"file:{path}", make)
+        if self._redis_url is not None:
+            return shared_redis(self._redis_url)
+        path = self._path if self._path is not None else default_store_path(app)
+        if self._cache_size is None:
+            return shared_mmap(path)
+        return shared_mmap(path, cache_size=self._cache_size)
 
     def manager_for(self, app: Flask) -> SessionManager:
         """The session core for ``app``'s current PERMANENT_SESSION_LIFETIME and
@@ -529,7 +505,7 @@ class PreforkSessionInterface(SessionInterface):
         if expires is None:
             response.set_cookie(name, value, **attributes)
         else:
-            max_age = max(0, int(expires - _core._clock()))
+            max_age = max(0, int(expires - now()))
             response.set_cookie(name, value, max_age=max_age, expires=int(expires), **attributes)
 
 

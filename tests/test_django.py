@@ -266,3 +266,55 @@ def test_bad_settings_raise(conf: Any) -> None:
 def test_importing_the_package_does_not_import_django() -> None:
     code = "import sys, prefork_sessions; sys.exit('django' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+# -- SECRET_KEY rotation -------------------------------------------------------------
+
+OLD_SECRET = "the-old-secret-key-that-was-rotated-out-of-settings"
+
+
+def test_a_session_under_a_fallback_key_loads_and_moves_to_the_current_key(
+    mmap_settings: Path,
+) -> None:
+    with override_settings(SECRET_KEY=OLD_SECRET):
+        s = engine.SessionStore()
+        s["user"] = 7
+        s.save()
+        key, old_skey = s.session_key, engine.store_key(s.session_key)
+    store = engine.get_store()
+    with override_settings(SECRET_KEY_FALLBACKS=[OLD_SECRET]):
+        assert engine.store_key(key) != old_skey
+        again = engine.SessionStore(key)
+        assert again.exists(key) and again.load() == {"user": 7}
+        again["seen"] = True
+        again.save()
+        assert old_skey not in store and engine.store_key(key) in store
+        assert engine.SessionStore(key).load() == {"user": 7, "seen": True}
+    # Without the fallback the moved session still loads: it is under the current key now.
+    assert engine.SessionStore(key).load() == {"user": 7, "seen": True}
+
+
+def test_without_the_fallback_a_rotated_secret_ends_the_session(mmap_settings: Path) -> None:
+    with override_settings(SECRET_KEY=OLD_SECRET):
+        s = engine.SessionStore()
+        s["user"] = 7
+        s.save()
+        key = s.session_key
+    fresh = engine.SessionStore(key)
+    assert not fresh.exists(key) and fresh.load() == {} and fresh.session_key is None
+
+
+def test_a_logout_under_the_fallback_key_is_never_undone_by_the_move(mmap_settings: Path) -> None:
+    with override_settings(SECRET_KEY=OLD_SECRET):
+        s = engine.SessionStore()
+        s["user"] = 7
+        s.save()
+        key = s.session_key
+    with override_settings(SECRET_KEY_FALLBACKS=[OLD_SECRET]):
+        writer = engine.SessionStore(key)
+        assert writer["user"] == 7  # loaded (from the fallback key), as a request would
+        engine.SessionStore(key).delete()  # a concurrent logout
+        writer["late"] = 1
+        with pytest.raises(UpdateError):
+            writer.save()
+        assert not engine.SessionStore(key).exists(key)

@@ -155,8 +155,8 @@ def test_set_cookie_is_what_dump_cookie_gives(store: MmapStore, options: dict[st
         expected = dump_cookie(
             o.cookie_name, sid, max_age=math.ceil(o.lifetime), expires=int(expires), **attributes
         )
-        assert manager._cookie(sid, expires) == expected
-    assert manager._expired_cookie() == dump_cookie(
+        assert manager.cookie_header(sid, expires) == expected
+    assert manager.expired_cookie_header() == dump_cookie(
         o.cookie_name, "", max_age=0, expires=0, **attributes
     )
 
@@ -164,7 +164,7 @@ def test_set_cookie_is_what_dump_cookie_gives(store: MmapStore, options: dict[st
 def test_an_oversized_cookie_still_warns(store: MmapStore) -> None:
     manager = SessionManager(store, SessionOptions(path="/" + "p" * 4100))
     with pytest.warns(UserWarning, match="too large"):
-        manager._cookie(new_session_id(), 1_800_000_000.0)
+        manager.cookie_header(new_session_id(), 1_800_000_000.0)
 
 
 @pytest.mark.parametrize(
@@ -912,3 +912,102 @@ def test_middleware_leaves_untouched_requests_alone(store: MmapStore) -> None:
     response = Client(SessionMiddleware(app, store)).get("/")
     assert response.data == b"static"
     assert "Vary" not in response.headers and set_cookies(response) == []
+
+
+# -- the save plan: what finish() reports to the front ends ------------------------------
+
+
+def test_finish_reports_the_plan_of_every_kind_of_save(store: MmapStore, clock: Clock) -> None:
+    from prefork_sessions._session import Plan
+
+    manager = SessionManager(store, SessionOptions(lifetime=100.0))
+
+    def finish(cookies: list[str], change: Callable[[Any], None], status: int = 200) -> Any:
+        session = manager.open(cookies)
+        change(session)
+        return session, manager.finish(session, status)
+
+    session, saved = finish([], lambda s: None)
+    assert saved == (Plan.NOTHING, "keep", 0.0, False)  # never used: no Vary either
+    session, saved = finish([], lambda s: s.get("x"))
+    assert saved == (Plan.NOTHING, "keep", 0.0, True)  # used, new and empty: nothing stored
+    session, saved = finish([], lambda s: s.__setitem__("n", 1))
+    assert saved == (Plan.WHOLE, "set", clock.now + 100.0, True)
+    assert session.expires == clock.now + 100.0 and not session.new  # current after the save
+    sid = session.id
+    clock.now += 10
+    session, saved = finish([sid], lambda s: s.__setitem__("n", 2))
+    assert saved == (Plan.MERGE, "set", clock.now + 100.0, True)
+    clock.now += 10
+    session, saved = finish([sid], lambda s: s.get("n"))
+    assert saved.plan is Plan.NOTHING and saved.cookie == "keep"  # 90 s left: above half
+    clock.now += 50
+    session, saved = finish([sid], lambda s: s.get("n"))
+    assert saved == (Plan.REFRESH, "set", clock.now + 100.0, True)
+    assert session.expires == clock.now + 100.0
+    session, saved = finish([sid], lambda s: s.__setitem__("n", 3), status=503)
+    assert saved.plan is Plan.NOTHING and saved.vary
+    assert manager.open([sid])["n"] == 2  # a 5xx saved nothing
+    session, saved = finish([sid], lambda s: s.rotate())
+    assert saved.plan is Plan.WHOLE and session.id != sid
+    assert manager.open([sid]).new  # the old id is gone
+    sid = session.id
+    late = manager.open([sid])
+    late["n"] = 4
+    session, saved = finish([sid], lambda s: s.invalidate())
+    assert saved == (Plan.END, "expire", 0.0, True)
+    assert manager.finish(late, 200) == (Plan.VANISHED, "keep", 0.0, True)
+    assert manager.open([sid]).new  # the logout held: the late write brought nothing back
+
+
+def test_headers_translate_the_plan(store: MmapStore, clock: Clock) -> None:
+    manager = SessionManager(store, SessionOptions(lifetime=100.0))
+    session = manager.open([])
+    session["n"] = 1
+    saved = manager.finish(session, 200)
+    assert manager.headers(saved, session) == [
+        ("Vary", "Cookie"), ("Set-Cookie", manager.cookie_header(session.id, clock.now + 100.0))
+    ]
+    ended = manager.open([session.id])
+    ended.invalidate()
+    assert manager.headers(manager.finish(ended, 200), ended) == [
+        ("Vary", "Cookie"), ("Set-Cookie", manager.expired_cookie_header())
+    ]
+    unused = manager.open([session.id])
+    assert manager.headers(manager.finish(unused, 200), unused) == []
+
+
+def test_a_failed_save_raises_the_store_error_and_writes_nothing(store: MmapStore) -> None:
+    from prefork_sessions import SerializationError
+
+    manager = SessionManager(store, SessionOptions())
+    session = manager.open([])
+    session["n"] = 1
+    manager.finish(session, 200)
+    again = manager.open([session.id])
+    again["bad"] = object()
+    with pytest.raises(SerializationError):
+        manager.finish(again, 200)
+    assert dict(manager.open([session.id])) == {"n": 1}
+
+
+def test_changes_and_merge_changes_are_the_key_level_merge() -> None:
+    base = {"a": 1, "b": [1], "c": True, "gone": 0}
+    mine = {"a": 1, "b": [1, 2], "c": 1, "new": "x"}
+    changed, deleted = _session.changes(base, mine)
+    assert sorted(changed) == ["b", "c", "new"] and deleted == ["gone"]  # True -> 1 is a change
+    stored = {"a": 5, "gone": 0, "theirs": "kept"}  # a concurrent request set a and theirs
+    assert _session.merge_changes(stored, mine, changed, deleted) == {
+        "a": 5, "b": [1, 2], "c": 1, "new": "x", "theirs": "kept"
+    }
+
+
+def test_store_keys_are_one_way_and_follow_the_secret() -> None:
+    sid = new_session_id()
+    plain = _session.StoreKeys("p:")
+    assert plain(sid) == "p:" + hashlib.sha256(sid.encode()).hexdigest()
+    assert plain.fallbacks(sid) == []
+    keyed = _session.StoreKeys("p:", [b"new" * 11, b"old" * 11])
+    old = _session.StoreKeys("p:", [b"old" * 11])
+    assert keyed(sid) != old(sid) and keyed.fallbacks(sid) == [old(sid)]
+    assert sid not in keyed(sid) and len(keyed(sid)) == 2 + 64

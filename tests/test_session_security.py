@@ -391,7 +391,7 @@ def assert_only_our_attributes(options: SessionOptions, store: MmapStore) -> Non
         expected.add("domain")
     if options.secure:
         expected.add("secure")
-    for header in (manager._cookie(new_session_id(), 1_800_000_000.0), manager._expired_cookie()):
+    for header in (manager.cookie_header(new_session_id(), 1_800_000_000.0), manager.expired_cookie_header()):
         assert header.startswith(f"{options.cookie_name}=")
         attributes = set_cookie_attributes(header)
         assert set(attributes) == expected, header
@@ -451,7 +451,7 @@ def test_a_domain_that_is_not_a_host_name_is_refused(store: MmapStore, domain: s
 def test_host_names_are_accepted(store: MmapStore, domain: str, sent: str) -> None:
     options = SessionOptions(domain=domain)
     assert_only_our_attributes(options, store)
-    header = SessionManager(store, options)._cookie(new_session_id(), 1_800_000_000.0)
+    header = SessionManager(store, options).cookie_header(new_session_id(), 1_800_000_000.0)
     assert set_cookie_attributes(header)["domain"] == sent
 
 
