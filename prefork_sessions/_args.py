@@ -71,6 +71,8 @@ def lifetime(expire: object) -> float:
     """
     if expire is None:
         return 0.0
+    if type(expire) is float and 0 < expire <= MAX_LIFETIME:
+        return expire  # the common case, without the checks' isinstance against an ABC
     life = _real(expire, "expire", "seconds")
     if life == 0 or life == math.inf:
         return 0.0

@@ -495,6 +495,7 @@ class Session(MutableMapping[str, Any]):
     # Class-level defaults for what most requests never change: a Session costs
     # three attribute writes until it is used, and its containers come with _load.
     _sid = ""
+    _key = ""  # the store key of _sid, once found stored
     _new = True
     _expires = 0.0
     _force = False
@@ -529,9 +530,10 @@ class Session(MutableMapping[str, Any]):
             tries += 1
             if tries > _MAX_COOKIE_CANDIDATES:
                 break
-            parsed = _parse_stored(self._manager.fetch(sid), now)
+            key = self._manager.store_key(sid)
+            parsed = _parse_stored(self._manager.fetch(key, sid), now)
             if parsed is not None:
-                self._sid, self._new = sid, False
+                self._sid, self._key, self._new = sid, key, False
                 self._data, self._expires, self._flashes = parsed
                 self._base = self._data
                 return
@@ -824,10 +826,11 @@ class SessionManager:
         """Return the (lazily loaded) session for the request's cookie values."""
         return Session(self, cookie_values)
 
-    def fetch(self, sid: str) -> Any:
-        """Return the stored value for ``sid``, or None (also for undecodable values)."""
+    def fetch(self, key: str, sid: str) -> Any:
+        """Return the value stored under ``key`` (session ``sid``'s store key), or None
+        (also for undecodable values)."""
         try:
-            return self.store.get(self.store_key(sid))
+            return self.store.get(key)
         except SerializationError as e:
             # A serializer's complaint may quote the stored value, which an app may
             # have made hold the id: never log a session id.
@@ -951,7 +954,7 @@ class SessionManager:
         else:
             return _UNCHANGED
         try:
-            store.get_and_set(key_of(s._sid), merge, expire=lifetime)
+            store.get_and_set(s._key, merge, expire=lifetime)  # stored: its key is known
         except _Vanished:
             log.info("session ended by another request before this one saved; changes dropped")
             return _GONE
