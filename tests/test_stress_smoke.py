@@ -28,8 +28,13 @@ SMOKE = {
     "file_modes": ["--processes", "2", "--threads", "2"],
     "gunicorn_load": ["--clients", "4", "--requests", "30", "--max-requests", "10",
                       "--min-workers-seen", "2", "--kill-every", "0.1", "0.2"],
-    "bench_http": ["--seconds", "1", "--warmup", "0", "--rounds", "1", "--sessions", "4",
-                   "--inprocess", "200"],
+    "bench_http": ["--suite", "werkzeug", "--seconds", "1", "--warmup", "0", "--rounds", "1",
+                   "--sessions", "4", "--inprocess", "200"],
+    # One engine of each framework against its signed-cookie baseline, sessions checked.
+    "bench_http_flask": ["--suite", "flask", "--only", "flask-ours", "--seconds", "1", "--warmup", "0",
+                         "--rounds", "1", "--sessions", "4", "--inprocess", "0"],
+    "bench_http_django": ["--suite", "django", "--only", "django-ours", "--seconds", "1", "--warmup",
+                          "0", "--rounds", "1", "--sessions", "4", "--inprocess", "0"],
     "bench_http_python_loader": ["--loader", "python", "--only", "read", "--seconds", "1",
                                  "--warmup", "0", "--rounds", "1", "--sessions", "2",
                                  "--connections", "2", "--inprocess", "0"],
@@ -43,12 +48,16 @@ TABLE_HEAD = {
     "gunicorn_load": "| client ",
     "bench_http": "| variant ",
     "bench_http_python_loader": "| variant ",
+    "bench_http_flask": "| variant ",
+    "bench_http_django": "| variant ",
 }
+PROGRAM = {"crash_python": "crash", "bench_http_python_loader": "bench_http",
+           "bench_http_flask": "bench_http", "bench_http_django": "bench_http"}
 
 
 @pytest.mark.parametrize("name", list(SMOKE))
 def test_smoke(name: str, tmp_path: Path) -> None:
-    program = STRESS / f"{name.removesuffix('_python_loader').removesuffix('_python')}.py"
+    program = STRESS / f"{PROGRAM.get(name, name)}.py"
     p = subprocess.run(
         [sys.executable, str(program), *SMOKE[name], "--seed", "7", "--timeout", "150",
          "--dir", str(tmp_path)],
