@@ -121,12 +121,35 @@ class StoreBase(abc.ABC):
         """
 
     @abc.abstractmethod
-    def get_and_set(self, key: str | bytes, fn: Callable[[Any], Any], expire: float | None = None) -> Any:
-        """Atomically store and return ``fn(current value or None)``.
+    def get_and_set(
+        self, key: str | bytes, fn: Callable[[Any], Any], expire: float | None = None, *,
+        missing: Any = None, keep_expiry: bool = False,
+    ) -> Any:
+        """Atomically store and return ``fn(current value)``.
 
-        Calling the store from ``fn`` raises ReentrantCallError; if ``fn`` raises,
-        nothing is stored.
+        ``fn`` gets ``missing`` when the key is absent or expired: pass a sentinel
+        of your own to tell that apart from a stored None.  ``expire`` sets the
+        entry's lifetime; with ``keep_expiry`` an existing entry keeps the lifetime
+        it has left (``expire`` then applies only to a new one).  Calling the store
+        from ``fn`` raises ReentrantCallError; if ``fn`` raises, nothing is stored.
         """
+
+    @abc.abstractmethod
+    def add(self, key: str | bytes, value: Any, expire: float | None = None) -> bool:
+        """Store ``value`` only if ``key`` is absent or expired, atomically; True if stored.
+
+        Raises ValueTooLargeError or SerializationError as ``set`` does.
+        """
+
+    @abc.abstractmethod
+    def touch(self, key: str | bytes, expire: float | None = None) -> bool:
+        """Give ``key`` a new lifetime (None: the store default; 0: never), its value
+        untouched; False if it is absent or expired."""
+
+    @abc.abstractmethod
+    def ttl(self, key: str | bytes) -> float | None:
+        """Seconds ``key`` has left: None if absent or expired, ``math.inf`` if it
+        never expires."""
 
     @abc.abstractmethod
     def delete(self, key: str | bytes) -> bool:

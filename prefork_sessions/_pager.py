@@ -164,6 +164,16 @@ class Pager:
 
     def read(self, key: str | bytes) -> bytes | Busy | None:
         """Lock-free read: the raw value, None (absent or expired), or BUSY."""
+        found = self._lookup(key)
+        return found if found is None or found is BUSY else found[0]
+
+    def expiry(self, key: str | bytes) -> float | Busy | None:
+        """Lock-free read of the key's expiry (epoch seconds, 0.0: never), None
+        (absent or expired), or BUSY."""
+        found = self._lookup(key)
+        return found if found is None or found is BUSY else found[1]
+
+    def _lookup(self, key: str | bytes) -> tuple[bytes, float] | Busy | None:
         kb = self.key_of(key)[0]
         mm, w = self._mm, self._w
         assert mm is not None and w is not None
@@ -210,7 +220,7 @@ class Pager:
             t = L.tick(now)
             if u32[(so + L.SLOT_TICK) >> 2] != t:
                 u32[(so + L.SLOT_TICK) >> 2] = t  # LRU hint, deliberately unlocked (see _layout)
-            return value
+            return value, exp
         return BUSY
 
     def walk(self, po: int, page: int) -> tuple[list[L.EntryFields], int]:
@@ -329,17 +339,18 @@ class Pager:
 
     def update(
         self, key: str | bytes, fn: Callable[[Any], Any], life: float, loads: Callable[[bytes], Any] | None,
-        dumps: Callable[[Any], bytes] | None, guard: set[int],
+        dumps: Callable[[Any], bytes] | None, guard: set[int], missing: Any = None, keep: bool = False,
     ) -> Any:
-        """get_and_set: store and return ``fn(old value or None)``, run with the key's
+        """get_and_set: store and return ``fn(old value, or missing)``, run with the key's
         page locked and this thread in ``guard``; ``loads``/``dumps`` (None: raw
         bytes) decode the old value and encode the new, their errors becoming the
-        host's ``codec_error``."""
+        host's ``codec_error``.  ``keep``: an existing entry keeps its expiry
+        (``life`` applies to a new one)."""
         result: list[Any] = []
 
         def update(old: bytes | None) -> bytes:
             try:
-                value = old if old is None or loads is None else loads(old)
+                value = missing if old is None else old if loads is None else loads(old)
             except Exception as e:
                 raise self._host.codec_error(e, key, True) from e
             me = threading.get_ident()
@@ -360,10 +371,12 @@ class Pager:
             result.append(new)
             return vb
 
-        self._write(key, b"", life, update)
+        self._write(key, b"", life, update, keep)
         return result[-1]
 
-    def _write(self, key: str | bytes, vb: bytes, life: float, update: Update | None) -> None:
+    def _write(
+        self, key: str | bytes, vb: bytes, life: float, update: Update | None, keep: bool = False
+    ) -> None:
         """Store ``vb`` (or ``update(old raw value or None)``, run with the page
         locked) under ``key`` for ``life`` seconds (0: never).
 
@@ -393,7 +406,7 @@ class Pager:
                 try:
                     so, eo, _ = self.find_locked(p2, kb, h, s0)
                     if eo:
-                        self._put_here(p2, so, eo, kb, flags, h, s0, exp_at, vb, update)
+                        self._put_here(p2, so, eo, kb, flags, h, s0, exp_at, vb, update, keep)
                         return
                 finally:
                     self.unlock(p2)
@@ -410,7 +423,7 @@ class Pager:
             try:
                 so, eo, free = self.find_locked(p1, kb, h, s0)
                 if eo or p1 == p2:
-                    self._put_here(p1, so if eo else free, eo, kb, flags, h, s0, exp_at, vb, update)
+                    self._put_here(p1, so if eo else free, eo, kb, flags, h, s0, exp_at, vb, update, keep)
                     return
                 # Not in p1; with p1 held nobody can insert it into p2, so what we
                 # see of p2 now is final (-1: p2 was too busy, or failed a check).
@@ -432,17 +445,19 @@ class Pager:
                 if second:
                     so2, eo2, free2 = self.find_locked(p2, kb, h, s0)
                     if eo2 or roomier == p2:
-                        self._put_here(p2, so2 if eo2 else free2, eo2, kb, flags, h, s0, exp_at, vb, update)
+                        self._put_here(p2, so2 if eo2 else free2, eo2, kb, flags, h, s0, exp_at, vb, update, keep)
                         return
-                self._put_here(p1, free, 0, kb, flags, h, s0, exp_at, vb, update)
+                self._put_here(p1, free, 0, kb, flags, h, s0, exp_at, vb, update, keep)
                 return
             finally:
                 if second:
                     self.unlock(p2)
                 self.unlock(p1)
 
-    def _old_value(self, page: int, so: int, eo: int, kb: bytes, h: int, s0: int) -> tuple[bytes | None, int, int]:
-        """(current value or None when expired, slot, entry) of the key at ``eo`` in a
+    def _old_value(
+        self, page: int, so: int, eo: int, kb: bytes, h: int, s0: int
+    ) -> tuple[bytes | None, int, int, float]:
+        """(current value or None when expired, slot, entry, its expiry) of the key at ``eo`` in a
         locked page; an entry failing its checksum gets the page repaired and the key
         looked up again (a damaged value is never handed to the callback)."""
         mm = self._mm
@@ -454,24 +469,27 @@ class Pager:
             e = self._upkeep.parse(page, po, eo - po, self._ps, True)
             if e is not None:
                 if e.exp and e.exp <= time.time():
-                    return None, so, eo
+                    return None, so, eo, 0.0
                 start = eo + L.ENTRY_SIZE + len(kb)
-                return mm[start:start + e.vlen], so, eo
+                return mm[start:start + e.vlen], so, eo, e.exp
             if attempt:
                 break
             self.rebuild(page)
             so, eo, free = self.find_locked(page, kb, h, s0)
             so = so if eo else free
-        return None, so, eo
+        return None, so, eo, 0.0
 
     def _put_here(
         self, page: int, so: int, eo: int, kb: bytes, flags: int, h: int, s0: int,
-        exp_at: float, vb: bytes, update: Update | None,
+        exp_at: float, vb: bytes, update: Update | None, keep: bool,
     ) -> None:
         """With the page locked, write the key's new entry there: ``eo`` is its
-        current entry (0: none) and ``so`` the slot to use (its own, or a free one)."""
+        current entry (0: none) and ``so`` the slot to use (its own, or a free one);
+        ``keep``: an existing entry's expiry stays."""
         if update is not None:
-            old, so, eo = self._old_value(page, so, eo, kb, h, s0)
+            old, so, eo, old_exp = self._old_value(page, so, eo, kb, h, s0)
+            if keep and old is not None:
+                exp_at = old_exp
             vb = update(old)  # user code: the page is locked but unchanged
             if L.ENTRY_SIZE + len(kb) + len(vb) > self._ps - self._d0:
                 raise self._host.too_large(len(kb), len(vb))  # the old value stays

@@ -107,12 +107,16 @@ class RedisStore(StoreBase):
     def delete(self, key: str | bytes) -> bool:
         return bool(self._client.delete(self._k(key)))
 
-    def get_and_set(self, key: str | bytes, fn: Callable[[Any], Any], expire: float | None = None) -> Any:
-        """Atomically store and return ``fn(current value or None)``.
+    def get_and_set(
+        self, key: str | bytes, fn: Callable[[Any], Any], expire: float | None = None, *,
+        missing: Any = None, keep_expiry: bool = False,
+    ) -> Any:
+        """Atomically store and return ``fn(current value)`` (``missing`` when absent).
 
         Optimistic: if another client changes the key while ``fn`` runs, ``fn``
         runs again on the new value, so keep it free of side effects.  If ``fn``
-        raises, nothing is stored.
+        raises, nothing is stored.  With ``keep_expiry`` an existing key keeps its
+        remaining lifetime (SET ... KEEPTTL).
         """
         k = self._k(key)
         px = self._px(expire)
@@ -121,14 +125,37 @@ class RedisStore(StoreBase):
                 try:
                     pipe.watch(k)
                     raw: bytes | None = pipe.get(k)
-                    new = self._busy.run(fn, None if raw is None else self._codec.decode(raw, self.url))
+                    current = missing if raw is None else self._codec.decode(raw, self.url)
+                    new = self._busy.run(fn, current)
                     vb = self._encode(key, new)
                     pipe.multi()
-                    pipe.set(k, vb, px=px)
+                    if keep_expiry and raw is not None:
+                        pipe.set(k, vb, keepttl=True)
+                    else:
+                        pipe.set(k, vb, px=px)
                     pipe.execute()
                     return new
                 except self._redis.WatchError:
                     continue
+
+    def add(self, key: str | bytes, value: Any, expire: float | None = None) -> bool:
+        k = self._k(key)
+        return bool(self._client.set(k, self._encode(key, value), px=self._px(expire), nx=True))
+
+    def touch(self, key: str | bytes, expire: float | None = None) -> bool:
+        k = self._k(key)
+        px = self._px(expire)
+        if px is not None:
+            return bool(self._client.pexpire(k, px))
+        with self._client.pipeline() as pipe:  # PERSIST alone says 0 for a key without expiry too
+            found, _ = pipe.exists(k).persist(k).execute()
+        return bool(found)
+
+    def ttl(self, key: str | bytes) -> float | None:
+        ms = self._client.pttl(self._k(key))
+        if ms == -2:
+            return None
+        return math.inf if ms == -1 else ms / 1000
 
     def _scan(self) -> Iterator[bytes]:
         if self._closed:

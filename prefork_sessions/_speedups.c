@@ -380,17 +380,31 @@ static PyObject *Pager_holds(Pager *self, PyObject *const *args, Py_ssize_t narg
 }
 
 /* read(key) -> value bytes | None (absent or expired) | _pager.BUSY (contended) */
-static PyObject *read_key(Pager *self, const char *k, Py_ssize_t klen);
+static PyObject *read_key(Pager *self, const char *k, Py_ssize_t klen, double *exp);
 
 static PyObject *Pager_read(Pager *self, PyObject *key) {
     const char *k; Py_ssize_t klen; uint8_t flags; PyObject *owned;
     if (check_open(self) < 0 || key_of(self, key, &k, &klen, &flags, &owned) < 0) return NULL;
-    PyObject *r = read_key(self, k, klen);
+    PyObject *r = read_key(self, k, klen, NULL);
     Py_XDECREF(owned);
     return r;
 }
 
-static PyObject *read_key(Pager *self, const char *k, Py_ssize_t klen) {
+/* expiry(key) -> float (the entry's expiry, epoch seconds; 0.0: never) | None | BUSY:
+ * a lock-free read of the entry's header (_pager.Pager.expiry) */
+static PyObject *Pager_expiry(Pager *self, PyObject *key) {
+    const char *k; Py_ssize_t klen; uint8_t flags; PyObject *owned;
+    if (check_open(self) < 0 || key_of(self, key, &k, &klen, &flags, &owned) < 0) return NULL;
+    double exp = 0.0;
+    PyObject *r = read_key(self, k, klen, &exp);
+    Py_XDECREF(owned);
+    if (!r || !PyBytes_Check(r)) return r;  /* None or BUSY */
+    Py_DECREF(r);
+    return PyFloat_FromDouble(exp);
+}
+
+/* the key's live value (and its expiry in *exp, when given), None, or BUSY */
+static PyObject *read_key(Pager *self, const char *k, Py_ssize_t klen, double *exp) {
     Py_ssize_t p1, p2, s0; uint32_t h;
     where(self, k, klen, &h, &p1, &p2, &s0);
     char *buf = (char *)self->view.buf;
@@ -443,6 +457,7 @@ static PyObject *read_key(Pager *self, const char *k, Py_ssize_t klen) {
         uint32_t t = tick(&ts), old;
         memcpy(&old, buf + so + SLOT_TICK, 4);
         if (old != t) __atomic_store_n((uint32_t *)(buf + so + SLOT_TICK), t, __ATOMIC_RELAXED);
+        if (exp) *exp = e.expire_at;
         return value;
     }
     return Py_NewRef(self->busy);
@@ -1039,12 +1054,13 @@ static int find_locked(Pager *self, Py_ssize_t page, const char *k, Py_ssize_t k
  * expired; a page whose entry fails its checksum is repaired first and the key
  * looked up again (a damaged value is never handed to the callback). */
 static PyObject *old_value(Pager *self, Py_ssize_t page, const char *k, Py_ssize_t klen, uint32_t h,
-                           Py_ssize_t s0, Py_ssize_t *so, Py_ssize_t *eo, Py_ssize_t *fr) {
+                           Py_ssize_t s0, Py_ssize_t *so, Py_ssize_t *eo, Py_ssize_t *fr, double *exp) {
     Py_ssize_t po = page_off(self, page);
     Ent e;
     for (int attempt = 0; *eo; attempt++) {
         if (whole_at(self, po, page, *eo - po, self->page_size, &e)) {
             if (e.exp != 0.0 && e.exp <= now_wall()) Py_RETURN_NONE;
+            *exp = e.exp;
             return PyBytes_FromStringAndSize((const char *)self->view.buf + *eo + ENTRY_SIZE + klen, e.vlen);
         }
         if (attempt) break;
@@ -1056,11 +1072,13 @@ static PyObject *old_value(Pager *self, Py_ssize_t page, const char *k, Py_ssize
     Py_RETURN_NONE;
 }
 
-/* A get_and_set in flight: fn maps the old value (decoded by loads, unless None)
- * to the new one (encoded by dumps; None: it must be bytes-like), run with the key
- * in guard (the store's CallbackThreads).  result: the last new value. */
+/* A get_and_set in flight: fn maps the old value (decoded by loads, unless None;
+ * missing when there is none) to the new one (encoded by dumps; None: it must be
+ * bytes-like), run with the key in guard (the store's CallbackThreads).  keep: an
+ * existing entry keeps its expiry.  result: the last new value. */
 typedef struct {
-    PyObject *key, *fn, *loads, *dumps, *guard, *result;
+    PyObject *key, *fn, *loads, *dumps, *guard, *missing, *result;
+    int keep;
 } Updater;
 
 /* the store's SerializationError for the exception being raised by loads or dumps */
@@ -1081,7 +1099,8 @@ static void codec_error(Pager *self, Updater *u, int decoding) {
 /* run u on the old raw value (bytes or None): the new raw value, or NULL */
 static PyObject *run_update(Pager *self, Updater *u, PyObject *old) {
     PyObject *arg;
-    if (old != Py_None && u->loads != Py_None) {
+    if (old == Py_None) arg = Py_NewRef(u->missing);
+    else if (u->loads != Py_None) {
         if (!(arg = PyObject_CallOneArg(u->loads, old))) { codec_error(self, u, 1); return NULL; }
     } else arg = Py_NewRef(old);
     PyObject *me = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
@@ -1118,8 +1137,10 @@ static int put_here(Pager *self, Py_ssize_t page, Py_ssize_t so, Py_ssize_t eo, 
     Py_ssize_t po = page_off(self, page), fr = 0;
     PyObject *vb;
     if (u) {
-        PyObject *old = old_value(self, page, k, klen, h, s0, &so, &eo, &fr);
+        double old_exp = exp;
+        PyObject *old = old_value(self, page, k, klen, h, s0, &so, &eo, &fr, &old_exp);
         if (!old) return -1;
+        if (u->keep && old != Py_None) exp = old_exp;
         vb = run_update(self, u, old);
         Py_DECREF(old);
         if (!vb) return -1;
@@ -1186,13 +1207,16 @@ static PyObject *Pager_put(Pager *self, PyObject *const *args, Py_ssize_t nargs)
     return r;
 }
 
-/* update(key, fn, lifetime, loads, dumps, guard) -> the new value: get_and_set,
- * fn run with the key's page locked (Updater); _pager.Pager.update. */
+/* update(key, fn, lifetime, loads, dumps, guard[, missing[, keep]]) -> the new
+ * value: get_and_set, fn run with the key's page locked (Updater);
+ * _pager.Pager.update. */
 static PyObject *Pager_update(Pager *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "update(key, fn, lifetime, loads, dumps, guard)");
+    if (nargs < 6 || nargs > 8) {
+        PyErr_SetString(PyExc_TypeError, "update(key, fn, lifetime, loads, dumps, guard[, missing[, keep]])");
         return NULL;
     }
+    int keep = nargs > 7 ? PyObject_IsTrue(args[7]) : 0;
+    if (keep < 0) return NULL;
     const char *k; Py_ssize_t klen; uint8_t flags; PyObject *owned;
     double life = PyFloat_AsDouble(args[2]);
     if (life == -1.0 && PyErr_Occurred()) return NULL;
@@ -1201,7 +1225,7 @@ static PyObject *Pager_update(Pager *self, PyObject *const *args, Py_ssize_t nar
         return NULL;
     }
     if (check_open(self) < 0 || key_of(self, args[0], &k, &klen, &flags, &owned) < 0) return NULL;
-    Updater u = {args[0], args[1], args[3], args[4], args[5], NULL};
+    Updater u = {args[0], args[1], args[3], args[4], args[5], nargs > 6 ? args[6] : Py_None, NULL, keep};
     PyObject *r = put_key(self, k, klen, flags, life > 0 ? now_wall() + life : 0.0, NULL, &u);
     Py_XDECREF(owned);
     if (!r) { Py_XDECREF(u.result); return NULL; }
@@ -1435,6 +1459,8 @@ static PyMethodDef Pager_methods[] = {
     {"holds", (PyCFunction)(void (*)(void))Pager_holds, METH_FASTCALL,
      "holds(po, key, hash, s0) -> 1 | 0 | -1 (too busy to tell)"},
     {"read", (PyCFunction)Pager_read, METH_O, "read(key) -> value bytes | None (absent or expired) | BUSY (contended)"},
+    {"expiry", (PyCFunction)Pager_expiry, METH_O,
+     "expiry(key) -> the entry's expiry (epoch seconds, 0.0: never) | None (absent or expired) | BUSY"},
     {"lock", (PyCFunction)(void (*)(void))Pager_lock, METH_FASTCALL,
      "lock(page, timeout) -> a _locks.Locked value (SOUND, DIRTY: repair first, TIMEOUT, WEDGED)"},
     {"unlock", (PyCFunction)Pager_unlock, METH_O, "unlock(page)"},

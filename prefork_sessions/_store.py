@@ -15,6 +15,8 @@ The layers, each in its own module:
 from __future__ import annotations
 
 import contextlib
+import enum
+import math
 import mmap
 import os
 import tempfile
@@ -22,7 +24,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Final, Literal, overload
 
 from . import _layout as L
 from ._args import key_bytes, lifetime, size, timeout
@@ -54,6 +56,27 @@ DEFAULT_LOCK_TIMEOUT = 10.0
 _entry_at = L.ENTRY.unpack_from
 
 _live_stores: weakref.WeakSet[MmapStore] = weakref.WeakSet()
+
+
+def _too_large(page_size: int, max_entry: int, klen: int, vlen: int) -> ValueTooLargeError:
+    return ValueTooLargeError(
+        f"value of {vlen} bytes (key {klen} bytes) cannot fit in a page of {page_size} bytes: "
+        f"the largest entry is {max_entry - L.ENTRY_SIZE} bytes of key plus value. Store less, "
+        "or create the store file with a larger page_size."
+    )
+
+
+class _Absent(enum.Enum):
+    """What add() and touch() have their update callback given for an absent key."""
+
+    ABSENT = 0
+
+
+_ABSENT: Final = _Absent.ABSENT
+
+
+class _Refused(Exception):
+    """Raised by add()'s and touch()'s callback so that nothing is written."""
 
 
 def _after_fork_in_child() -> None:
@@ -121,12 +144,7 @@ class _Host:
         )
 
     def too_large(self, klen: int, vlen: int) -> ValueTooLargeError:
-        biggest = self._ps - L.data_start(self._slots) - L.ENTRY_SIZE
-        return ValueTooLargeError(
-            f"value of {vlen} bytes (key {klen} bytes) cannot fit in a page of {self._ps} bytes: "
-            f"the largest entry is {biggest} bytes of key plus value. Store less, or create the "
-            "store file with a larger page_size."
-        )
+        return _too_large(self._ps, self._ps - L.data_start(self._slots), klen, vlen)
 
     def key(self, key: object) -> tuple[bytes, bool]:
         return key_bytes(key)
@@ -302,21 +320,29 @@ class MmapStore(StoreBase):
 
     # ------------------------------------------------------------------ lookup
 
-    def _read_locked(self, key: object) -> bytes | None:
-        """Read under the page locks, when writers kept the lock-free read from settling.
+    @overload
+    def _read_locked(self, key: object) -> bytes | None: ...
+
+    @overload
+    def _read_locked(self, key: object, expiry: Literal[True]) -> float | None: ...
+
+    def _read_locked(self, key: object, expiry: bool = False) -> bytes | float | None:
+        """Read (the value, or with ``expiry`` its expiry) under the page locks, when
+        writers kept the lock-free read from settling.
 
         With the pages locked the read settles at once unless a page fails its
         checks (damage from outside the store): it is repaired, then read again."""
         pager = self._pager
+        read = pager.expiry if expiry else pager.read
         kb = pager.key_of(key)[0]
         _, p1, p2, _ = pager.where(kb)
         with self._locked(p1, p2) as pages:
-            found = pager.read(kb)
+            found = read(kb)
             if found is BUSY:  # with the pages locked, only damage keeps a read from settling
                 for p in pages:
                     if self._upkeep.survey(p, L.page_offset(self.page_size, p)).problems:
                         pager.rebuild(p)
-                found = pager.read(kb)
+                found = read(kb)
         return None if found is BUSY else found
 
     # ------------------------------------------------------------------ public API
@@ -363,11 +389,15 @@ class MmapStore(StoreBase):
             self._revive()
         self._pager.put(key, vb, self._expire if expire is None else lifetime(expire))
 
-    def get_and_set(self, key: str | bytes, fn: Callable[[Any], Any], expire: float | None = None) -> Any:
-        """Atomically store and return ``fn(current value or None)``.
+    def get_and_set(
+        self, key: str | bytes, fn: Callable[[Any], Any], expire: float | None = None, *,
+        missing: Any = None, keep_expiry: bool = False,
+    ) -> Any:
+        """Atomically store and return ``fn(current value)`` (``missing`` when absent).
 
         ``fn`` runs with the key's page locked: keep it short and do not call the
         store from it (ReentrantCallError).  If ``fn`` raises, nothing is stored.
+        With ``keep_expiry`` an existing entry keeps the lifetime it has left.
         """
         if self._busy:
             self._busy.check()
@@ -376,7 +406,70 @@ class MmapStore(StoreBase):
         life = self._expire if expire is None else lifetime(expire)
         if self._mm is None:
             self._revive()
-        return self._pager.update(key, fn, life, self._loads, self._raw_dumps, self._busy)
+        if missing is None and not keep_expiry:  # the sessions' path: the fewest arguments
+            return self._pager.update(key, fn, life, self._loads, self._raw_dumps, self._busy)
+        return self._pager.update(
+            key, fn, life, self._loads, self._raw_dumps, self._busy, missing, keep_expiry
+        )
+
+    def add(self, key: str | bytes, value: Any, expire: float | None = None) -> bool:
+        if self._busy:
+            self._busy.check()
+        if type(key) is not str and type(key) is not bytes:
+            key = self._key(key)
+        try:
+            vb = self._dumps(value)
+        except Exception as e:
+            raise self._codec.encode_error(key, e) from e
+        life = self._expire if expire is None else lifetime(expire)
+        if self._mm is None:
+            self._revive()
+        klen = len(self._pager.key_of(key)[0])
+        if L.ENTRY_SIZE + klen + len(vb) > self._max_entry:  # refused whether or not the key exists
+            raise _too_large(self.page_size, self._max_entry, klen, len(vb))
+
+        def if_absent(current: bytes | _Absent) -> bytes:
+            if current is not _ABSENT:
+                raise _Refused
+            return vb
+
+        try:
+            self._pager.update(key, if_absent, life, None, None, self._busy, _ABSENT)
+        except _Refused:
+            return False
+        return True
+
+    def touch(self, key: str | bytes, expire: float | None = None) -> bool:
+        if self._busy:
+            self._busy.check()
+        if type(key) is not str and type(key) is not bytes:
+            key = self._key(key)
+        life = self._expire if expire is None else lifetime(expire)
+        if self._mm is None:
+            self._revive()
+
+        def unchanged(current: bytes | _Absent) -> bytes:
+            if current is _ABSENT:
+                raise _Refused
+            return current
+
+        try:
+            self._pager.update(key, unchanged, life, None, None, self._busy, _ABSENT)
+        except _Refused:
+            return False
+        return True
+
+    def ttl(self, key: str | bytes) -> float | None:
+        if self._busy:
+            self._busy.check()
+        if self._mm is None:
+            self._revive()
+        found = self._pager.expiry(key)
+        if found is BUSY:
+            found = self._read_locked(key, expiry=True)
+        if found is None:
+            return None
+        return math.inf if not found else max(0.0, found - time.time())
 
     def delete(self, key: str | bytes) -> bool:
         if self._busy:

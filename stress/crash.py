@@ -82,7 +82,7 @@ IMPLS = ("c", "python")
 
 # What a writer is doing: the low nibble of its status byte, and the op of a pipe record.
 IDLE = 0
-SET_INSERT, SET_OVERWRITE, GAS, DELETE, PURGE, CHECK, CLEAR, B_SET, FILLER, JUNK = range(1, 11)
+SET_INSERT, SET_OVERWRITE, GAS, DELETE, PURGE, CHECK, CLEAR, B_SET, FILLER, JUNK, ADD, TOUCH = range(1, 13)
 # Phases inside an operation: the high bits of the status byte.
 MAKE_ROOM, EVICT, COMPACT, REPAIR = 0x10, 0x20, 0x40, 0x80
 LABELS = {
@@ -96,13 +96,15 @@ LABELS = {
     B_SET: "set (second file)",
     FILLER: "filler set (expires)",
     JUNK: "filler set (never expires)",
+    ADD: "add (filler, expires)",
+    TOUCH: "touch",
     IDLE: "between operations",
     MAKE_ROOM: "  in: making room",
     EVICT: "  in: evicting live entries",
     COMPACT: "  in: compaction",
     REPAIR: "  in: repair of a dead writer's page",
 }
-OPS = [SET_INSERT, SET_OVERWRITE, GAS, DELETE, PURGE, CHECK, CLEAR, B_SET, FILLER, JUNK]
+OPS = [SET_INSERT, SET_OVERWRITE, GAS, DELETE, PURGE, CHECK, CLEAR, B_SET, FILLER, JUNK, ADD, TOUCH]
 PHASES = [MAKE_ROOM, EVICT, COMPACT, REPAIR]
 # The phases are the page-rewrite steps a pager tells its tracer (``Pager.trace``,
 # ``_upkeep.Step``): MAKE_ROOM is a rebuild for a new entry, REPAIR one without;
@@ -110,7 +112,7 @@ PHASES = [MAKE_ROOM, EVICT, COMPACT, REPAIR]
 # the rebuild; COMPACT is the copy through the spare (inside either).
 # Writer op mix (relative weights).  Long operations (purge, check, clear) are rare:
 # the supervisor hunts for them, so they still get their share of kills.
-MIX = {SET_INSERT: 30, GAS: 18, DELETE: 10, FILLER: 16, JUNK: 10, B_SET: 5,
+MIX = {SET_INSERT: 30, GAS: 18, DELETE: 10, FILLER: 12, JUNK: 10, B_SET: 5, ADD: 5, TOUCH: 5,
        PURGE: 0.5, CHECK: 0.1, CLEAR: 1.5}
 # A checker owns no keys: it walks the whole file, so a page a dead writer left
 # mid-change is repaired (and a kill can land in that repair) within milliseconds.
@@ -236,9 +238,9 @@ def writer(sup: Supervisor, slot: Slot) -> None:
         version += 1
         op = rnd.choices(ops, weights)[0]
         k = NOKEY
-        if op in (SET_INSERT, GAS, DELETE):
+        if op in (SET_INSERT, GAS, DELETE, TOUCH):
             k = rnd.randrange(ns.keys)
-            if op == DELETE and not present.get(k):
+            if op in (DELETE, TOUCH) and not present.get(k):
                 op = SET_INSERT
             if op == SET_INSERT and present.get(k):
                 op = SET_OVERWRITE
@@ -248,7 +250,7 @@ def writer(sup: Supervisor, slot: Slot) -> None:
             k = rnd.randrange(ns.clear_keys)
             key = b_key_name(idx, k)
             value = C.make_value(key, idx, version, rnd.randrange(ns.max_pad // 3))
-        elif op in (FILLER, JUNK):
+        elif op in (FILLER, JUNK, ADD):
             key = f"w{idx}:g{slot.gen}:f{version}"
             value = C.make_value(key, idx, version, rnd.randrange(ns.max_pad))
         probe.watch(store)  # a store that reopened since has a new, untraced pager
@@ -273,6 +275,11 @@ def writer(sup: Supervisor, slot: Slot) -> None:
             store.set(key, value, expire=rnd.uniform(0.02, ns.filler_life))
         elif op == JUNK:
             store.set(key, value, expire=0)
+        elif op == ADD:  # a fresh key: the add must store it
+            if not store.add(key, value, expire=rnd.uniform(0.02, ns.filler_life)):
+                raise AssertionError(f"add({key!r}) of a fresh key stored nothing")
+        elif op == TOUCH:  # the value stays the acknowledged one; only its expiry is rewritten
+            store.touch(key, expire=0)  # False only if its page evicted it: checked by the verifier
         elif op == PURGE:
             store.purge()
         elif op == CLEAR:

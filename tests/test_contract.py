@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 import uuid
@@ -335,3 +336,111 @@ def test_redis_store_takes_a_bytes_prefix(redis_url: str) -> None:
     with RedisStore(redis_url, prefix=prefix) as store:
         store.set("k", 1)
         assert store.keys() == ["k"] and store._client.exists(prefix + b"k")
+
+
+# -- what caches need: add-if-absent, touch, remaining lifetime, missing vs None ----------
+
+ABSENT = object()
+
+
+def test_add_stores_only_when_absent(any_store: Store) -> None:
+    assert any_store.add("k", {"v": 1}) is True
+    assert any_store.add("k", {"v": 2}) is False
+    assert any_store.get("k") == {"v": 1}
+    any_store.set("short", 1, expire=0.2)
+    time.sleep(0.35)
+    assert any_store.add("short", 2) is True  # an expired entry counts as absent
+    assert any_store.get("short") == 2
+    assert any_store.add("life", 1, expire=50)
+    remaining = any_store.ttl("life")
+    assert remaining is not None and 45 < remaining <= 50
+    with pytest.raises(SerializationError):
+        any_store.add("bad", object())
+    assert "bad" not in any_store
+
+
+def test_add_is_atomic_across_processes(any_store: Store) -> None:
+    winners = []
+    for _ in range(6):
+        # A child exits 0 if its add won, 1 if it lost (fork() exits 1 when fn raises).
+        pids = [fork(lambda i=i: any_store.add("race", i) or _lost()) for i in range(4)]
+        codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+        winners.append(codes.count(0))
+        assert any_store.get("race") in range(4)
+        any_store.delete("race")
+    assert winners == [1] * 6
+
+
+def _lost() -> None:
+    raise RuntimeError("add lost the race")
+
+
+def test_touch_changes_only_the_expiry(any_store: Store) -> None:
+    assert any_store.touch("absent", 10) is False
+    assert "absent" not in any_store
+    any_store.set("k", [1, 2], expire=0.3)
+    assert any_store.touch("k", 100) is True
+    time.sleep(0.45)
+    assert any_store.get("k") == [1, 2]
+    remaining = any_store.ttl("k")
+    assert remaining is not None and 95 < remaining <= 100
+    assert any_store.touch("k", 0) is True
+    assert any_store.ttl("k") == math.inf and any_store.get("k") == [1, 2]
+    any_store.set("gone", 1, expire=0.2)
+    time.sleep(0.35)
+    assert any_store.touch("gone", 100) is False and "gone" not in any_store
+
+
+def test_ttl(any_store: Store) -> None:
+    assert any_store.ttl("absent") is None
+    any_store.set("never", 1, expire=0)
+    any_store.set("later", 1, expire=30)
+    assert any_store.ttl("never") == math.inf
+    later = any_store.ttl("later")
+    assert later is not None and 25 < later <= 30
+    any_store.delete("later")
+    assert any_store.ttl("later") is None
+
+
+def test_get_and_set_tells_missing_from_a_stored_none(any_store: Store) -> None:
+    seen: list[Any] = []
+
+    def record(current: Any) -> Any:
+        seen.append(current)
+        return None
+
+    any_store.get_and_set("k", record, missing=ABSENT)
+    any_store.get_and_set("k", record, missing=ABSENT)
+    assert seen[0] is ABSENT and seen[1] is None  # the first stored a None
+    assert "k" in any_store
+
+
+def test_get_and_set_can_keep_the_remaining_lifetime(any_store: Store) -> None:
+    any_store.set("n", 1, expire=40)
+    time.sleep(0.3)
+    assert any_store.get_and_set("n", lambda n: n + 1, expire=1000, keep_expiry=True) == 2
+    remaining = any_store.ttl("n")
+    assert remaining is not None and 35 < remaining <= 39.8  # kept, not renewed to 1000
+    any_store.get_and_set("n", lambda n: n + 1, expire=1000)
+    remaining = any_store.ttl("n")
+    assert remaining is not None and remaining > 990  # without keep_expiry: renewed
+    any_store.set("forever", 1, expire=0)
+    any_store.get_and_set("forever", lambda n: n + 1, expire=5, keep_expiry=True)
+    assert any_store.ttl("forever") == math.inf
+    # A new entry gets expire even with keep_expiry.
+    any_store.get_and_set("new", lambda n: 1 if n is ABSENT else n, expire=20, keep_expiry=True,
+                          missing=ABSENT)
+    remaining = any_store.ttl("new")
+    assert remaining is not None and 15 < remaining <= 20
+
+
+def test_a_refused_callback_leaves_the_entry_and_its_expiry(any_store: Store) -> None:
+    any_store.set("n", 1, expire=30)
+
+    def refuse(current: Any) -> Any:
+        raise ValueError("no")
+
+    with pytest.raises(ValueError):
+        any_store.get_and_set("n", refuse, expire=1000, missing=ABSENT)
+    remaining = any_store.ttl("n")
+    assert any_store.get("n") == 1 and remaining is not None and remaining <= 30

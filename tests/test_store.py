@@ -129,6 +129,16 @@ def test_value_too_large_is_refused_and_old_value_kept(store: MmapStore) -> None
     assert store.get("k") == "small"
 
 
+def test_add_of_a_value_too_large_raises_and_keeps_nothing(store: MmapStore) -> None:
+    with pytest.raises(ValueTooLargeError):
+        store.add("new", "x" * store.page_size)
+    assert "new" not in store
+    store.set("k", "small")
+    with pytest.raises(ValueTooLargeError):  # raised even though the key exists
+        store.add("k", "x" * store.page_size)
+    assert store.get("k") == "small"
+
+
 def test_largest_value_fits_whole_page(make_store: Make) -> None:
     """Unlike Cache::FastMmap (which refuses values over ~40% of a page), a value
     as large as the page's data area is stored."""
