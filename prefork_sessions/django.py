@@ -10,8 +10,11 @@ Settings (every key optional)::
 
 ``<project>`` is the first dotted part of ``ROOT_URLCONF`` (``mysite`` for
 ``mysite.urls``), ``prefork`` without one.  Each process opens one store per file
-(or URL) and shares it between threads; a forked worker reopens it by itself,
-and ``prefork_sessions.gunicorn.post_fork`` opens it at once.
+(or URL) and shares it between threads.  The store is opened when Django loads
+this engine (its SessionMiddleware does, as the app is built), so a bad setting
+stops the app at start-up, and with gunicorn's ``--preload`` the master opens it:
+``prefork_sessions.gunicorn.post_fork`` then reopens it in each worker before the
+worker drops to ``--user``.  A forked worker would also reopen it by itself.
 
 Rules
 -----
@@ -261,3 +264,7 @@ class SessionStore(SessionBase):  # type: ignore[misc]  # SessionBase is untyped
     @classmethod
     def clear_expired(cls) -> None:
         get_store().purge()
+
+
+if settings.configured and getattr(settings, "SESSION_ENGINE", None) == __name__:
+    get_store()  # see the module docstring: open it as the app is built, not at the first request

@@ -35,13 +35,13 @@ class Framework:
     demo: str  # PREFORK_SESSIONS_APP for its demo
     test_app: str  # PREFORK_SESSIONS_APP for its app in tests/_framework_apps.py
     cookie_name: str
-    # Whether importing the demo opens its store: init_app does; Django's engine opens
-    # its store at the first request, so a preloaded Django master has none to hand over.
+    # Whether loading the demo opens its store (init_app does; Django's engine does when
+    # the SessionMiddleware imports it), so a preloaded master hands it to post_fork.
     demo_opens_store: bool
 
 
 FLASK = Framework("flask", "flask", "_framework_apps:flask_app()", "session", True)
-DJANGO = Framework("django", "django", "_framework_apps:django_app()", "sessionid", False)
+DJANGO = Framework("django", "django", "_framework_apps:django_app()", "sessionid", True)
 MAX_REQUESTS = 3  # each worker retires after this many requests (gunicorn --max-requests)
 FRAMEWORKS = [pytest.param(FLASK, id="flask"), pytest.param(DJANGO, id="django")]
 
