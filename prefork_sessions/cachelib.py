@@ -19,8 +19,9 @@ Rules
 -----
 1. cachelib's semantics, not the store's: timeouts go through
    ``BaseCache._normalize_timeout`` (whole seconds or a ``timedelta``; ``None``
-   is ``default_timeout``; ``0`` never expires; a negative one has expired
-   already, as in SimpleCache and FileSystemCache: ``set`` drops the key).
+   is ``default_timeout``; ``0``, or more than the store's 100 years, never
+   expires; a negative one has expired already, as in SimpleCache and
+   FileSystemCache: ``set`` drops the key).
 2. Values go through ``self.serializer`` (pickle, the format SimpleCache and
    FileSystemCache store; replace it per class or per instance as cachelib
    allows) and are stored as the bytes it returns.
@@ -131,11 +132,7 @@ class MmapCache(BaseCache):
     def _life(self, timeout: int | dt.timedelta | None) -> int:
         """Seconds for the store (0: never); negative: expired already."""
         seconds = self._normalize_timeout(timeout)
-        if seconds > MAX_LIFETIME:
-            raise InvalidArgumentError(
-                f"timeout={timeout!r} is more than 100 years; use 0 for a value that never expires"
-            )
-        return seconds
+        return 0 if seconds > MAX_LIFETIME else seconds  # the store's limit; as Django's backend
 
     def _refused(self, key: str, error: Exception) -> bool:
         _log.warning("MmapCache on %s did not store %r: %s", self._store.path, key, error)
@@ -205,7 +202,7 @@ class MmapCache(BaseCache):
             return data
 
         try:
-            self._store.get_and_set(self._key(key), bump, self.default_timeout,
+            self._store.get_and_set(self._key(key), bump, self._life(None),
                                     missing=_MISSING, keep_expiry=True)
         except _Unstorable:
             return None
