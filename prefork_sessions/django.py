@@ -53,12 +53,13 @@ from django.contrib.sessions.backends.base import (  # type: ignore[import-untyp
 )
 
 from ._base import StoreBase
+from ._django_cache import MmapCache
 from ._errors import InvalidArgumentError, SessionStoreError
 from ._session import Plan, StoreKeys, changes, merge_changes
 from ._shared import close_shared, shared_mmap, shared_redis
 from ._store import DEFAULT_CACHE_SIZE, default_path
 
-__all__ = ["KEY_PREFIX", "SETTING", "SessionStore", "close_stores", "get_store", "store_key"]
+__all__ = ["KEY_PREFIX", "SETTING", "MmapCache", "SessionStore", "close_stores", "get_store", "store_key"]
 
 SETTING = "PREFORK_SESSIONS"
 KEY_PREFIX = "django.session:"
