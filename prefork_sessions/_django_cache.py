@@ -96,14 +96,15 @@ def _store_file(location: object) -> str:
     path = os.path.abspath(os.fsdecode(location))
     if not settings.configured:  # made by hand, outside a Django project
         return path
-    conf = getattr(settings, "PREFORK_SESSIONS", None) or {}
-    sessions = conf.get("path") if isinstance(conf, Mapping) else None
-    if (getattr(settings, "SESSION_ENGINE", None) == _SESSION_ENGINE and sessions
-            and os.path.abspath(os.fsdecode(sessions)) == path):
-        raise InvalidArgumentError(
-            f"MmapCache LOCATION {path} is the session store's file (PREFORK_SESSIONS['path']), "
-            "and cache.clear() empties the whole file: give the cache a file of its own"
-        )
+    if getattr(settings, "SESSION_ENGINE", None) == _SESSION_ENGINE:
+        from .django import session_store_path  # imports this module: here, not at the top
+
+        if session_store_path() == path:
+            raise InvalidArgumentError(
+                f"MmapCache LOCATION {path} is the session store's file (PREFORK_SESSIONS, or "
+                "its default), and cache.clear() empties the whole file: give the cache a "
+                "file of its own"
+            )
     return path
 
 

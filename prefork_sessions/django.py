@@ -42,6 +42,7 @@ Rules
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -59,7 +60,8 @@ from ._session import Plan, StoreKeys, changes, merge_changes
 from ._shared import close_shared, shared_mmap, shared_redis
 from ._store import DEFAULT_CACHE_SIZE, default_path
 
-__all__ = ["KEY_PREFIX", "SETTING", "MmapCache", "SessionStore", "close_stores", "get_store", "store_key"]
+__all__ = ["KEY_PREFIX", "SETTING", "MmapCache", "SessionStore", "close_stores", "get_store",
+           "session_store_path", "store_key"]
 
 SETTING = "PREFORK_SESSIONS"
 KEY_PREFIX = "django.session:"
@@ -117,6 +119,13 @@ def get_store() -> StoreBase:
     if url is not None:
         return shared_redis(url, serializer="raw")
     return shared_mmap(path or _default_path(), serializer="raw", cache_size=cache_size)
+
+
+def session_store_path() -> str | None:
+    """The absolute path of the file ``settings.PREFORK_SESSIONS`` keeps sessions in
+    (its default when unset); None when they are in Redis."""
+    path, _, url = _options()
+    return None if url is not None else os.path.abspath(path or _default_path())
 
 
 def close_stores() -> None:

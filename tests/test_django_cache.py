@@ -147,6 +147,20 @@ def test_the_session_store_file_is_refused(tmp_path: Path) -> None:
     assert not sessions.exists()
 
 
+def test_the_default_session_store_file_is_refused_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    default = tmp_path / "mysite_django_session_data"  # PREFORK_SESSIONS without a path
+    with (override_settings(SESSION_ENGINE="prefork_sessions.django", PREFORK_SESSIONS={},
+                            ROOT_URLCONF="mysite.urls"),
+          pytest.raises(InvalidArgumentError, match="session store's file")):
+        MmapCache(str(default), {})
+    assert not default.exists()
+
+
 def test_store_options_shape_the_file_and_django_culling_options_have_no_effect(tmp_path: Path) -> None:
     file = tmp_path / "cache"
     backend = MmapCache(str(file), {"OPTIONS": {"cache_size": 256 << 10, "page_size": 8 << 10,
