@@ -37,7 +37,8 @@ Rules
    the keys under it (as RedisCache), without one it empties the whole file.
 6. One store object per file per process (``_shared.shared_mmap``); a forked
    worker reopens it by itself.  ``path=None`` is ``<tempdir>/prefork_sessions_cachelib``,
-   never a session store's file, because ``clear()`` empties the file it is on.
+   never a session store's file, because ``clear()`` empties the file it is on;
+   the session file the gunicorn hooks use (``PREFORK_SESSIONS_PATH``) is refused.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from ._args import MAX_LIFETIME
 from ._errors import InvalidArgumentError, ValueTooLargeError
 from ._shared import shared_mmap
 from ._store import DEFAULT_CACHE_SIZE, MmapStore
+from .gunicorn import PATH_ENV
 
 __all__ = ["DEFAULT_FILE_NAME", "MmapCache", "MmapSerializer"]
 
@@ -78,8 +80,8 @@ class MmapCache(BaseCache):
     (bytes: the largest value is a little under one page) and ``lock_timeout``
     (seconds) only matter when the file is created.  ``default_timeout``
     (seconds or ``timedelta``, ``0`` = never) is cachelib's.  Raises
-    InvalidArgumentError for an unknown option or a negative ``default_timeout``,
-    and the store's errors when the file cannot be opened.
+    InvalidArgumentError for an unknown option, a negative ``default_timeout`` or
+    the gunicorn hooks' session file, and the store's errors when the file cannot be opened.
     """
 
     serializer: BaseSerializer = MmapSerializer()
@@ -114,6 +116,12 @@ class MmapCache(BaseCache):
             raise InvalidArgumentError(f"key_prefix={key_prefix!r}: use a str")
         self.key_prefix = key_prefix
         where = os.path.join(tempfile.gettempdir(), DEFAULT_FILE_NAME) if path is None else os.fspath(path)
+        sessions = os.environ.get(PATH_ENV)
+        if sessions and os.path.abspath(sessions) == os.path.abspath(where):
+            raise InvalidArgumentError(
+                f"MmapCache path {where} is the session store's file ({PATH_ENV}), and clear() "
+                "empties the whole file: give the cache a file of its own"
+            )
         self._store = shared_mmap(where, serializer="raw", cache_size=cache_size, **store_options)
 
     @property

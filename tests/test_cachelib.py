@@ -355,6 +355,16 @@ def test_default_path_is_the_caches_own_never_a_sessions_file(
 
 
 
+def test_the_session_file_of_the_gunicorn_hooks_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PREFORK_SESSIONS_PATH", str(tmp_path / "sessions"))
+    with pytest.raises(InvalidArgumentError, match="session store's file"):
+        MmapCache(str(tmp_path / "." / "sessions"), **SIZES)
+    assert not (tmp_path / "sessions").exists()
+    MmapCache(tmp_path / "cache", **SIZES)
+
+
 def test_importing_the_package_does_not_import_cachelib() -> None:
     code = "import sys, prefork_sessions; print('cachelib' in sys.modules, 'flask' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
