@@ -49,7 +49,7 @@ def app(request: SessionRequest) -> Response:
         state = dict(store.stats())
     else:
         raise NotFound()
-    body, content_type = page("werkzeug", path, state, request.headers.get("Accept"))
+    body, content_type = page("werkzeug", path, state, request.environ.get("HTTP_ACCEPT"))
     response = Response(body, content_type=content_type)
-    response.vary.add("Accept")
+    response.headers.add("Vary", "Accept")  # the session layer merges Cookie into it
     return response

@@ -28,9 +28,9 @@ init_app(app, store)
 
 
 def _answer(state: dict[str, object]) -> Response:
-    body, content_type = page("Flask", request.path, state, request.headers.get("Accept"))
+    body, content_type = page("Flask", request.path, state, request.environ.get("HTTP_ACCEPT"))
     response = Response(body, content_type=content_type)
-    response.vary.add("Accept")
+    response.headers.add("Vary", "Accept")  # the interface adds Cookie (response.vary)
     return response
 
 
