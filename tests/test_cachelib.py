@@ -489,3 +489,28 @@ def test_flask_caching_under_gunicorn_is_shared_by_every_worker(tmp_path: Path) 
         assert len({worker for worker, _ in counted}) > 1
         assert get("/get/hits")[1] == {"value": len(counted)}
         assert get("/get/computations")[1] == {"value": 1}
+
+
+def test_flask_session_keeps_sessions_in_it(tmp_path: Path) -> None:
+    from flask import Flask, session
+    from flask_session import Session
+
+    cache = MmapCache(tmp_path / "sessions-cache", **SIZES)
+    app = Flask(__name__)
+    app.config.update(SECRET_KEY="x" * 32, SESSION_TYPE="cachelib", SESSION_CACHELIB=cache,
+                      SESSION_PERMANENT=True, PERMANENT_SESSION_LIFETIME=dt.timedelta(hours=1))
+    Session(app)
+
+    @app.get("/bump")
+    def bump() -> str:
+        session["n"] = session.get("n", 0) + 1
+        return str(session["n"])
+
+    client = app.test_client()
+    assert [client.get("/bump").text for _ in range(3)] == ["1", "2", "3"]
+    (key,) = cache.store.keys()  # Flask-Session's "session:<id>", pickled by our serializer
+    assert str(key).startswith("session:")
+    assert cache.get(str(key)) == {"_permanent": True, "n": 3}
+    assert 3599 < cache.store.ttl(key) <= 3600
+
+
