@@ -35,6 +35,8 @@ SMOKE = {
                          "--rounds", "1", "--sessions", "4", "--inprocess", "0"],
     "bench_http_django": ["--suite", "django", "--only", "django-ours", "--seconds", "1", "--warmup",
                           "0", "--rounds", "1", "--sessions", "4", "--inprocess", "0"],
+    # Every backend once, counters checked (lost increments fail an atomic backend).
+    "bench_cache": ["--quick"],
     "bench_http_python_loader": ["--loader", "python", "--only", "read", "--seconds", "1",
                                  "--warmup", "0", "--rounds", "1", "--sessions", "2",
                                  "--connections", "2", "--inprocess", "0"],
@@ -50,6 +52,7 @@ TABLE_HEAD = {
     "bench_http_python_loader": "| variant ",
     "bench_http_flask": "| variant ",
     "bench_http_django": "| variant ",
+    "bench_cache": "| backend ",
 }
 PROGRAM = {"crash_python": "crash", "bench_http_python_loader": "bench_http",
            "bench_http_flask": "bench_http", "bench_http_django": "bench_http"}
