@@ -206,14 +206,20 @@ class SessionStore(SessionBase):  # type: ignore[misc]  # SessionBase is untyped
             f"Check that nothing else writes {KEY_PREFIX!r} keys into the session store."
         )
 
-    def _plan(self, key: str, must_create: bool, age: float) -> tuple[Plan, dict[str, Any]]:
-        """The core's save plan for this save, and the data as loaded (MERGE's base)."""
+    def _plan(self, key: str, must_create: bool, age: float) -> Plan:
+        """The core's save plan for this save."""
         if age <= 0:
-            return Plan.END, {}
+            return Plan.END
         loaded = self._loaded
         if must_create or loaded is None or loaded[0] != key:
-            return Plan.WHOLE, {}
-        return Plan.MERGE, self._data(loaded[1])
+            return Plan.WHOLE
+        return Plan.MERGE
+
+    def _merged(self, current: bytes, data: dict[str, Any]) -> bytes:
+        """The record ``current`` with this object's changes since it loaded applied."""
+        assert self._loaded is not None
+        changed, deleted = changes(self._data(self._loaded[1]), data)
+        return self._record(merge_changes(self._data(current), data, changed, deleted))
 
     def save(self, must_create: bool = False) -> None:
         if self.session_key is None:
@@ -223,8 +229,9 @@ class SessionStore(SessionBase):  # type: ignore[misc]  # SessionBase is untyped
         data: dict[str, Any] = self._get_session(no_load=must_create)
         age = self.get_expiry_age()
         skey = store_key(key)
-        plan, base = self._plan(key, must_create, age)
-        moved_from = self._loaded[2] if plan is Plan.MERGE and self._loaded else skey
+        plan = self._plan(key, must_create, age)
+        loaded = self._loaded if self._loaded is not None and self._loaded[0] == key else None
+        moved_from = loaded[2] if loaded is not None and not must_create else skey
         if plan is Plan.END:
             # Expired already: leave no record, but keep the create/update contract.
             if must_create:
@@ -235,25 +242,26 @@ class SessionStore(SessionBase):  # type: ignore[misc]  # SessionBase is untyped
             self._loaded = None
             return
         record = self._record(data)
-        changed, deleted = changes(base, data) if plan is Plan.MERGE else ([], [])
         if moved_from != skey:  # found under a fallback key: move it to the current one
             current = self._store.get(moved_from)
             if current is not None:
-                merged = merge_changes(self._data(current), data, changed, deleted)
-                self._store.set(skey, self._record(merged), expire=age)
+                self._store.set(skey, self._merged(current, data), expire=age)
             if current is None or not self._store.delete(moved_from):
                 # Deleted meanwhile (a logout deletes under every key): logout wins.
                 self._store.delete(skey)
                 raise UpdateError
             self._loaded = (key, record, skey)
             return
+        base = loaded[1] if plan is Plan.MERGE and loaded is not None else None
 
         def write(current: bytes | None) -> bytes:
             if (current is not None) if must_create else (current is None):
                 raise _Refused
-            if plan is not Plan.MERGE or current is None:
+            if base is None or current is None or current == base:
+                # Whole, or nothing changed since this object loaded it (the usual
+                # case): this object's record is the merge, with no decoding at all.
                 return record
-            return self._record(merge_changes(self._data(current), data, changed, deleted))
+            return self._merged(current, data)
 
         try:
             self._store.get_and_set(skey, write, expire=age)
