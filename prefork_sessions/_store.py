@@ -415,16 +415,11 @@ class MmapStore(StoreBase):
     def add(self, key: str | bytes, value: Any, expire: float | None = None) -> bool:
         if self._busy:
             self._busy.check()
-        if type(key) is not str and type(key) is not bytes:
-            key = self._key(key)
+        klen = len(self._key(key))  # raises for a key that is neither str nor bytes: first
         try:
             vb = self._dumps(value)
         except Exception as e:
             raise self._codec.encode_error(key, e) from e
-        life = self._expire if expire is None else lifetime(expire)
-        if self._mm is None:
-            self._revive()
-        klen = len(self._pager.key_of(key)[0])
         if L.ENTRY_SIZE + klen + len(vb) > self._max_entry:  # refused whether or not the key exists
             raise _too_large(self.page_size, self._max_entry, klen, len(vb))
 
@@ -433,13 +428,21 @@ class MmapStore(StoreBase):
                 raise _Refused
             return vb
 
-        try:
-            self._pager.update(key, if_absent, life, None, None, self._busy, _ABSENT)
-        except _Refused:
-            return False
-        return True
+        return self._update_unless_refused(key, if_absent, expire)
 
     def touch(self, key: str | bytes, expire: float | None = None) -> bool:
+        def unchanged(current: bytes | _Absent) -> bytes:
+            if current is _ABSENT:
+                raise _Refused
+            return current
+
+        return self._update_unless_refused(key, unchanged, expire)
+
+    def _update_unless_refused(
+        self, key: str | bytes, fn: Callable[[bytes | _Absent], bytes], expire: float | None
+    ) -> bool:
+        """Store ``fn(current raw value, or _ABSENT)`` under the page lock; False if ``fn``
+        raised _Refused (nothing written)."""
         if self._busy:
             self._busy.check()
         if type(key) is not str and type(key) is not bytes:
@@ -447,14 +450,8 @@ class MmapStore(StoreBase):
         life = self._expire if expire is None else lifetime(expire)
         if self._mm is None:
             self._revive()
-
-        def unchanged(current: bytes | _Absent) -> bytes:
-            if current is _ABSENT:
-                raise _Refused
-            return current
-
         try:
-            self._pager.update(key, unchanged, life, None, None, self._busy, _ABSENT)
+            self._pager.update(key, fn, life, None, None, self._busy, _ABSENT)
         except _Refused:
             return False
         return True
