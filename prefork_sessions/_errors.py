@@ -63,3 +63,8 @@ class NoSpaceError(SessionStoreError, OSError):
 class UnsupportedPlatformError(SessionStoreError, OSError):
     """This platform cannot speak the store's lock protocol (robust process-shared
     pthread mutexes, Linux)."""
+
+
+class StoreUnavailableError(SessionStoreError, ConnectionError):
+    """The store's server (Redis) did not answer, refused the connection or went away;
+    nothing was changed by the call.  Web front ends answer 503 with Retry-After."""

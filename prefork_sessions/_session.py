@@ -59,7 +59,12 @@ from typing import Any, Literal, NamedTuple, Protocol, TypeGuard
 from werkzeug.http import dump_cookie
 from werkzeug.sansio.http import parse_cookie
 
-from ._errors import InvalidArgumentError, SerializationError, SessionStoreError
+from ._errors import (
+    InvalidArgumentError,
+    SerializationError,
+    SessionStoreError,
+    StoreUnavailableError,
+)
 
 __all__ = [
     "DEFAULT_COOKIE_NAME",
@@ -852,6 +857,8 @@ class SessionManager:
             return _UNCHANGED
         try:
             return self._save(session)
+        except StoreUnavailableError:
+            raise  # not the session's fault: the front end answers 503 and says why
         except SessionStoreError as e:
             # The store's message names the key (a digest: no secret) and may quote
             # a value, which an app may have made hold the id: never log a session id.

@@ -5,19 +5,23 @@ for any WSGI application.
 Both save when the response starts, so the cookie can go out with its headers:
 nothing is saved for a 5xx response or when an exception escapes the app, and a
 save that fails (an unserialisable value, say) turns the response into a 500.
+A store that cannot be reached (StoreUnavailableError: Redis went away), while
+the session loads or saves, turns it into a 503 with ``Retry-After``; the next
+request tries the store again, so service resumes by itself when it returns.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from werkzeug.exceptions import HTTPException, InternalServerError
+from werkzeug.exceptions import HTTPException, InternalServerError, ServiceUnavailable
 from werkzeug.wrappers import Request, Response
 
-from ._errors import SessionStoreError
+from ._errors import SessionStoreError, StoreUnavailableError
 from ._session import (
     Session,
     SessionManager,
@@ -29,7 +33,12 @@ from ._session import (
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
-__all__ = ["ENVIRON_KEY", "SessionMiddleware", "SessionRequest", "with_session"]
+__all__ = ["ENVIRON_KEY", "RETRY_AFTER", "SessionMiddleware", "SessionRequest", "with_session"]
+
+log = logging.getLogger("prefork_sessions")
+
+RETRY_AFTER = 5
+"""Seconds a 503 for an unreachable store asks the client to wait (``Retry-After``)."""
 
 ENVIRON_KEY = "prefork_sessions.session"
 """Where SessionMiddleware puts the request's :class:`Session` in the WSGI environ."""
@@ -71,10 +80,15 @@ def with_session(
                     response = f(*args[:-2], request)
                 except HTTPException as e:
                     response = e.get_response(environ)
+                except StoreUnavailableError as e:  # the session could not load
+                    return _unavailable(e).get_response(environ)(environ, start_response)
                 if not isinstance(response, Response):
                     response = Response.force_type(response, environ)
                 try:
                     extra = manager.headers(manager.finish(session, response.status_code), session)
+                except StoreUnavailableError as e:
+                    response = _unavailable(e).get_response(environ)
+                    extra = []
                 except SessionStoreError:  # logged by the manager; nothing was written
                     response = InternalServerError().get_response(environ)
                     extra = []
@@ -116,7 +130,12 @@ class SessionMiddleware:
         session = self.manager.open(cookies)
         environ[ENVIRON_KEY] = session
         call = _Call(self.manager, session, start_response)
-        app_iter = self.app(environ, call.start_response)  # an exception here saves nothing
+        try:
+            app_iter = self.app(environ, call.start_response)  # an exception here saves nothing
+        except StoreUnavailableError as e:  # the session could not load
+            if call.started:
+                raise  # the app's own response has begun: nothing else can be sent
+            return _unavailable(e).get_response(environ)(environ, start_response)
         if call.failed:
             _close(app_iter)
             return call.error_body()
@@ -131,6 +150,7 @@ class _Call:
     def __init__(self, manager: SessionManager, session: Session, start_response: StartResponse):
         self.manager, self.session, self.outer = manager, session, start_response
         self.started = self.failed = False
+        self.error: HTTPException = InternalServerError()  # what a failed save answers
 
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: _ExcInfo | None = None
@@ -145,19 +165,20 @@ class _Call:
             code = 500
         try:
             extra = self.manager.headers(self.manager.finish(self.session, code), self.session)
-        except SessionStoreError:  # logged by the manager; nothing was written
+        except SessionStoreError as e:  # logged by the manager; nothing was written
             self.failed = True
-            self.outer("500 INTERNAL SERVER ERROR", self._error_headers())
+            self.error = _unavailable(e) if isinstance(e, StoreUnavailableError) else InternalServerError()
+            self.outer(f"{self.error.code} {self.error.name.upper()}", self._error_headers())
             return lambda data: None  # the app's own body is dropped
         return self.outer(status, _with_headers(headers, extra) if extra else headers)
 
     def _error_headers(self) -> list[tuple[str, str]]:
         body = self.error_body()[0]
-        return [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(body)))]
+        return [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(body))),
+                *self.error.get_headers()[1:]]  # Retry-After for a 503
 
-    @staticmethod
-    def error_body() -> list[bytes]:
-        return [InternalServerError().get_body().encode()]
+    def error_body(self) -> list[bytes]:
+        return [self.error.get_body().encode()]
 
 
 class _Body:
@@ -181,6 +202,12 @@ class _Body:
 
     def close(self) -> None:
         _close(self.app_iter)
+
+
+def _unavailable(e: StoreUnavailableError) -> ServiceUnavailable:
+    """The 503 for a request whose session store cannot be reached, logged once."""
+    log.error("session store unavailable, answering 503 (Retry-After: %d): %s", RETRY_AFTER, e)
+    return ServiceUnavailable(retry_after=RETRY_AFTER)
 
 
 def _close(app_iter: Iterable[bytes]) -> None:
