@@ -35,7 +35,10 @@ Rules
 6. A new, rotated or invalidated-then-refilled session is written whole under
    its fresh id; ids it replaces are deleted only after that write succeeded.
 7. A save that fails (value not serialisable, too large, lock timeout) writes
-   nothing and leaves the stored session as it was; the WSGI layer answers 500.
+   nothing and leaves the stored session as it was; the WSGI layer answers 500
+   (503 with Retry-After when the store cannot be reached).  Every front end
+   saves by the same plan (``Plan``: nothing, whole, merge, refresh, end),
+   reported by ``SessionManager.finish`` for it to translate.
 8. Nothing a client sends can raise: a Cookie header of any bytes, length or
    repetition yields at most a fresh session.  A stored value of the wrong
    shape (written by someone else) is treated as no session.
