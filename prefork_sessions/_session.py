@@ -539,7 +539,11 @@ class Session(MutableMapping[str, Any]):
             if tries > _MAX_COOKIE_CANDIDATES:
                 break
             key = self._manager.store_key(sid)
-            parsed = _parse_stored(self._manager.fetch(key, sid), now)
+            try:
+                parsed = _parse_stored(self._manager.fetch(key, sid), now)
+            except BaseException:
+                self._loaded = False  # not loaded: nothing to save, and a later use tries again
+                raise
             if parsed is not None:
                 self._sid, self._key, self._new = sid, key, False
                 self._data, self._expires, self._flashes = parsed

@@ -44,6 +44,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 import re
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -52,9 +53,10 @@ from typing import Any, Literal, NamedTuple, overload
 from flask import Flask, Request, Response
 from flask.json.tag import TaggedJSONSerializer
 from flask.sessions import SessionInterface, SessionMixin, session_json_serializer
+from werkzeug.exceptions import ServiceUnavailable
 
 from ._base import StoreBase
-from ._errors import InvalidArgumentError, SerializationError
+from ._errors import InvalidArgumentError, SerializationError, StoreUnavailableError
 from ._session import (
     DEFAULT_KEY_PREFIX,
     Session,
@@ -66,9 +68,12 @@ from ._session import (
 )
 from ._shared import shared_mmap, shared_redis
 from ._store import default_path
+from ._wsgi import RETRY_AFTER
 
 __all__ = ["REFRESH_INTERVAL", "PreforkSession", "PreforkSessionInterface", "default_store_path",
-           "init_app"]
+           "init_app", "unavailable"]
+
+log = logging.getLogger("prefork_sessions")
 
 REFRESH_INTERVAL = 60.0
 """Seconds: with SESSION_REFRESH_EACH_REQUEST, a read re-saves the stored expiry once it
@@ -484,7 +489,16 @@ class PreforkSessionInterface(SessionInterface):
         refresh = bool(app.config["SESSION_REFRESH_EACH_REQUEST"])
         if session.varies(refresh):
             response.vary.add("Cookie")
-        action, expires = session.finish(response.status_code, refresh)
+        try:
+            action, expires = session.finish(response.status_code, refresh)
+        except StoreUnavailableError as e:
+            # Flask would turn an error raised here into a 500: answer 503 in its place.
+            down = unavailable(e)
+            response.status_code = down.status_code
+            response.set_data(down.get_data())
+            response.content_type = down.content_type
+            response.headers["Retry-After"] = down.headers["Retry-After"]
+            return
         if action == "none":
             return
         attributes: dict[str, Any] = {
@@ -507,6 +521,16 @@ class PreforkSessionInterface(SessionInterface):
         else:
             max_age = max(0, int(expires - now()))
             response.set_cookie(name, value, max_age=max_age, expires=int(expires), **attributes)
+
+
+def unavailable(e: StoreUnavailableError) -> Response:
+    """Flask's answer when the session store cannot be reached (Redis went away): 503
+    with ``Retry-After``.  ``init_app`` registers it as the app's handler for
+    StoreUnavailableError; with ``app.session_interface = ...`` set by hand, register
+    it yourself: ``app.register_error_handler(StoreUnavailableError, unavailable)``."""
+    log.error("session store unavailable, answering 503 (Retry-After: %d): %s", RETRY_AFTER, e)
+    down = ServiceUnavailable(retry_after=RETRY_AFTER).get_response()
+    return Response(down.get_data(), down.status_code, list(down.headers.items()))
 
 
 def init_app(app: Flask, store: StoreBase | None = None) -> PreforkSessionInterface:
@@ -534,6 +558,7 @@ def init_app(app: Flask, store: StoreBase | None = None) -> PreforkSessionInterf
         )
     interface.manager_for(app)  # opens the store and checks the lifetime
     app.session_interface = interface
+    app.register_error_handler(StoreUnavailableError, unavailable)
     app.extensions[EXTENSION_KEY] = interface
     return interface
 

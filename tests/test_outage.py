@@ -168,3 +168,51 @@ def test_a_save_that_cannot_reach_redis_answers_503(server: Server) -> None:
     response = Client(app).get("/")
     assert response.status_code == 503 and response.headers["Retry-After"] == str(RETRY_AFTER)
     assert "Set-Cookie" not in response.headers
+
+
+def test_flask_answers_503_and_recovers(server: Server) -> None:
+    import flask
+
+    from prefork_sessions.flask import init_app
+
+    store = RedisStore(server.url, prefix="f:", socket_timeout=0.5)
+    app = flask.Flask(__name__)
+    app.config.update(SECRET_KEY="k" * 32)
+    init_app(app, store)
+
+    @app.get("/")
+    def count() -> dict[str, int]:
+        flask.session["n"] = flask.session.get("n", 0) + 1
+        return {"n": flask.session["n"]}
+
+    client = app.test_client()
+    assert [client.get("/").json["n"] for _ in range(2)] == [1, 2]  # type: ignore[index]
+    server.stop()
+    for who in (client, app.test_client()):  # the load fails; a new session's save fails
+        down = who.get("/")
+        assert down.status_code == 503 and down.headers["Retry-After"] == str(RETRY_AFTER)
+        assert "Set-Cookie" not in down.headers
+    server.start()
+    assert [client.get("/").json["n"] for _ in range(2)] == [1, 2]  # type: ignore[index]
+
+
+def test_an_app_that_catches_the_failed_load_gets_its_own_response(server: Server) -> None:
+    """A load that failed leaves the session unloaded: nothing to save, no half-made
+    session (the save used to fail on it with AttributeError)."""
+    store = RedisStore(server.url, prefix="c:", socket_timeout=0.5)
+
+    @with_session(store)
+    def app(request: Request) -> Response:
+        session = request.session  # type: ignore[attr-defined]
+        try:
+            session["n"] = session.get("n", 0) + 1
+        except StoreUnavailableError:
+            return Response(b"degraded", status=200)
+        return Response(b"ok")
+
+    client = Client(app)
+    assert client.get("/").text == "ok"
+    server.stop()
+    response = client.get("/")
+    assert response.status_code == 200 and response.text == "degraded"
+    assert "Set-Cookie" not in response.headers
