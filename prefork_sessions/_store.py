@@ -406,8 +406,6 @@ class MmapStore(StoreBase):
         life = self._expire if expire is None else lifetime(expire)
         if self._mm is None:
             self._revive()
-        if missing is None and not keep_expiry:  # the sessions' path: the fewest arguments
-            return self._pager.update(key, fn, life, self._loads, self._raw_dumps, self._busy)
         return self._pager.update(
             key, fn, life, self._loads, self._raw_dumps, self._busy, missing, keep_expiry
         )

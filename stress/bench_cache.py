@@ -50,7 +50,6 @@ counts (or a target was missed under --enforce-targets), 3 on --timeout.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import random
@@ -67,7 +66,7 @@ from typing import Any
 
 import _common  # noqa: F401  # puts this checkout's package first on sys.path
 from _common import fork, kill, wait
-from bench_store import machine, machine_line, pager_line, redis_server, store_build
+from bench_store import machine, machine_line, no_gc, pager_line, redis_server, store_build
 
 MIB = 1 << 20
 TIMEOUT = 300  # every backend's default timeout, seconds
@@ -210,16 +209,6 @@ def wipe(b: Backend, d: str, redis_port: int | None) -> None:
 
 
 # --------------------------------------------------------------------------- timing
-
-
-@contextmanager
-def no_gc() -> Iterator[None]:
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 def timed(fn: Callable[[str], Any], keys: list[str], seconds: float) -> dict[str, float]:
