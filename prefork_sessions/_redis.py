@@ -3,7 +3,11 @@
 Atomic updates use optimistic transactions (WATCH/MULTI/EXEC): ``get_and_set``
 reads, runs ``fn``, and commits only if nobody changed the key meanwhile,
 otherwise it runs ``fn`` again on the newer value.  Expiry is Redis's own (PX).
-Keys live under ``prefix`` so ``clear()`` and ``keys()`` never touch others'.
+Each key lives at ``prefix + "{" + key + "}"`` (a Redis Cluster hash tag, see
+_redis_keys), so ``clear()`` and ``keys()`` never touch others' keys, and a
+key's auxiliary keys share its slot.  The client may be a ``redis.Redis``
+(from ``url``, or Sentinel's ``master_for``) or a ``redis.cluster.RedisCluster``:
+``keys()``, ``clear()`` and ``stats()`` then cover every primary.
 
 Outages: every call that cannot reach the server raises StoreUnavailableError
 (also the builtin ConnectionError; redis-py's own is not), and never waits
@@ -28,6 +32,7 @@ from ._errors import (
     StoreUnavailableError,
     ValueTooLargeError,
 )
+from ._redis_keys import check_prefix, data_key, data_pattern, every_pattern, store_key
 
 __all__ = ["DEFAULT_SOCKET_TIMEOUT", "RedisStore"]
 
@@ -64,10 +69,11 @@ def _reaching(method: Callable[P, R]) -> Callable[P, R]:
 class RedisStore(StoreBase):
     """A store with MmapStore's interface on Redis (``pip install 'prefork_sessions[redis]'``).
 
-    ``url`` is a redis-py URL (``redis://127.0.0.1:6379/0``), or pass ``client``.
+    ``url`` is a redis-py URL (``redis://127.0.0.1:6379/0``), or pass ``client``
+    (a ``redis.Redis``, Sentinel's ``master_for(...)`` or a ``RedisCluster``).
     ``expire`` is the default lifetime in seconds (0 = never); ``serializer`` as
     for MmapStore.  ``prefix`` (str or bytes) namespaces the keys (it may not be
-    empty).  ``socket_timeout`` (seconds, DEFAULT_SOCKET_TIMEOUT by default)
+    empty nor hold a brace).  ``socket_timeout`` (seconds, DEFAULT_SOCKET_TIMEOUT by default)
     bounds the wait to connect and for each answer, for a client made from
     ``url``; with one retry a call fails within 4 x ``socket_timeout``.  A server
     that cannot be reached raises StoreUnavailableError.  Bad arguments raise
@@ -90,9 +96,7 @@ class RedisStore(StoreBase):
 
         if not isinstance(url, str):
             raise InvalidArgumentError(f"url={url!r}: give a redis:// URL as a str")
-        self._prefix = self._key(prefix)
-        if not self._prefix:
-            raise InvalidArgumentError("prefix may not be empty: clear() would empty the whole Redis database")
+        self._prefix = check_prefix(self._key(prefix))
         super().__init__(expire=expire, serializer=serializer)
         if socket_timeout is not None and client is not None:
             raise InvalidArgumentError(
@@ -101,14 +105,37 @@ class RedisStore(StoreBase):
         seconds = timeout(
             DEFAULT_SOCKET_TIMEOUT if socket_timeout is None else socket_timeout, "socket_timeout"
         )
-        self.socket_timeout = seconds
+        self.socket_timeout: float | None = seconds
+        """Seconds each answer may take (None: a client passed without one)."""
         self._socket_args: dict[str, Any] = {"socket_timeout": seconds, "socket_connect_timeout": seconds}
         self._redis = redis
-        self._down_errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+        self._down_errors = (
+            redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+            redis.exceptions.ClusterDownError, redis.exceptions.SlotNotCoveredError,
+        )
         self.url = url
         self._client: Any = client if client is not None else self._connect()
         self._owns_client = client is None
+        self._cluster = isinstance(self._client, redis.cluster.RedisCluster)
+        if not self._owns_client:
+            self.url = _describe(self._client)
+            self.socket_timeout = _socket_timeout_of(self._client)
         self._closed = False
+
+    @property
+    def client(self) -> Any:
+        """The redis-py client in use (a ``Redis`` or a ``RedisCluster``), for
+        commands of your own on ``redis_key()``; a new one after ``reopen()``."""
+        return self._client
+
+    def redis_key(self, key: str | bytes) -> bytes:
+        """The Redis key ``key`` lives under: ``prefix + b"{" + key + b"}"`` (a hash
+        tag; an empty key or one starting with ``}`` or a backslash gets a backslash
+        first).  Keys of your own for it should be this plus a suffix holding no
+        ``}``: they land on its Cluster slot and never clash with a store key.
+        Raises StoreClosedError, InvalidArgumentError or ValueTooLargeError for a
+        bad key, and ReentrantCallError from a callback, as every method does."""
+        return self._k(key)
 
     # ------------------------------------------------------------------ helpers
 
@@ -117,7 +144,7 @@ class RedisStore(StoreBase):
             raise StoreClosedError("store is closed; call reopen() to use it again")
         if self._busy:
             self._busy.check()
-        return self._prefix + self._key(key)
+        return data_key(self._prefix, self._key(key))
 
     def _connect(self) -> Any:
         retry = self._redis.retry.Retry(self._redis.backoff.NoBackoff(), RETRIES)
@@ -129,10 +156,15 @@ class RedisStore(StoreBase):
         if not isinstance(e, self._down_errors):
             return None
         where = _USERINFO.sub("//", self.url)  # never show a password from the URL
+        if self.socket_timeout is None:
+            bound = "the client passed has no socket_timeout, so calls may wait forever: give it one"
+        elif self._owns_client:
+            bound = f"calls give up within {4 * self.socket_timeout:g} s (socket_timeout={self.socket_timeout:g})"
+        else:
+            bound = f"the client passed waits {self.socket_timeout:g} s per try (socket_timeout)"
         return StoreUnavailableError(
             f"Redis at {where} is unavailable ({type(e).__name__}: {e}); nothing was changed. "
-            "Check that redis-server is running and reachable from this host; calls give up "
-            f"within {4 * self.socket_timeout:g} s (socket_timeout={self.socket_timeout:g})."
+            f"Check that redis-server is running and reachable from this host; {bound}."
         )
 
     def _encode(self, key: object, value: Any) -> bytes:
@@ -223,27 +255,29 @@ class RedisStore(StoreBase):
             return None
         return math.inf if ms == -1 else ms / 1000
 
-    def _scan(self) -> Iterator[bytes]:
+    def _scan(self, pattern: bytes) -> Iterator[bytes]:
+        """The Redis keys matching ``pattern``, from every primary on a cluster
+        (redis-py's RedisCluster.scan_iter walks each primary's cursor)."""
         if self._closed:
             raise StoreClosedError("store is closed; call reopen() to use it again")
-        found: Iterator[bytes] = self._client.scan_iter(match=_glob_escape(self._prefix) + b"*", count=1000)
+        found: Iterator[bytes] = self._client.scan_iter(match=pattern, count=1000)
         return found
 
     @_reaching
     def keys(self) -> list[str | bytes]:
         """The live keys under this store's prefix (str when they decode as UTF-8)."""
         out: list[str | bytes] = []
-        n = len(self._prefix)
-        for k in self._scan():
+        for found in self._scan(data_pattern(self._prefix)):
+            k = store_key(self._prefix, found)
             try:
-                out.append(k[n:].decode())
+                out.append(k.decode())
             except UnicodeDecodeError:
-                out.append(k[n:])
+                out.append(k)
         return out
 
     @_reaching
     def __len__(self) -> int:
-        return sum(1 for _ in self._scan())
+        return sum(1 for _ in self._scan(data_pattern(self._prefix)))
 
     def purge(self) -> int:
         """Redis removes expired keys itself: nothing to do, returns 0."""
@@ -251,9 +285,9 @@ class RedisStore(StoreBase):
 
     @_reaching
     def clear(self) -> None:
-        """Remove every key under this store's prefix."""
+        """Remove every key under this store's prefix, auxiliary keys (locks) too."""
         batch: list[bytes] = []
-        for k in self._scan():
+        for k in self._scan(every_pattern(self._prefix)):
             batch.append(k)
             if len(batch) >= 1000:
                 self._client.unlink(*batch)
@@ -263,30 +297,44 @@ class RedisStore(StoreBase):
 
     @_reaching
     def stats(self) -> RedisStats:
-        """This process's hits and misses; server-wide expirations, evictions and memory."""
-        info = self._client.info()
+        """This process's hits and misses; server-wide expirations, evictions and
+        memory (on a cluster, summed over the primaries)."""
+        if self._cluster:
+            infos = list(self._client.info(target_nodes=self._redis.cluster.RedisCluster.PRIMARIES).values())
+        else:
+            infos = [self._client.info()]
+        total = {name: sum(info.get(name, 0) for info in infos)
+                 for name in ("expired_keys", "evicted_keys", "used_memory", "maxmemory")}
         return {
             "entries": len(self),
             "hits": self._hits,
             "misses": self._misses,
-            "expirations": info.get("expired_keys", 0),
-            "evictions": info.get("evicted_keys", 0),
+            "expirations": total["expired_keys"],
+            "evictions": total["evicted_keys"],
             "recovered_pages": 0,
-            "bytes_used": info.get("used_memory", 0),
-            "capacity": info.get("maxmemory", 0),
+            "bytes_used": total["used_memory"],
+            "capacity": total["maxmemory"],
             "url": self.url,
         }
 
     def check(self) -> list[str]:
-        """Redis keeps its own data sound; this checks the server answers."""
-        try:
-            answered = self._client.ping()
-        except Exception as e:
-            down = self.unavailable(e)
-            if down is None:
-                raise
-            return [str(down)]
-        return [] if answered else [f"{_USERINFO.sub('//', self.url)} did not answer PING"]
+        """Redis keeps its own data sound; this checks that the server (on a
+        cluster, every node) answers PING."""
+        nodes = self._client.get_nodes() if self._cluster else [None]
+        problems = []
+        for node in nodes:
+            where = _USERINFO.sub("//", self.url) if node is None else f"cluster node {node.name}"
+            try:
+                answered = self._client.ping() if node is None else self._client.ping(target_nodes=node)
+            except Exception as e:
+                down = self.unavailable(e)
+                if down is None:
+                    raise
+                problems.append(f"{where}: {down}" if node is not None else str(down))
+                continue
+            if not answered:
+                problems.append(f"{where} did not answer PING")
+        return problems
 
     def reopen(self) -> None:
         """Reconnect (redis-py already replaces its connections in a forked child)."""
@@ -302,10 +350,23 @@ class RedisStore(StoreBase):
         self._closed = True
 
 
-def _glob_escape(b: bytes) -> bytes:
-    out = bytearray()
-    for c in b:
-        if c in b"*?[]\\":
-            out += b"\\"
-        out.append(c)
-    return bytes(out)
+def _describe(client: Any) -> str:
+    """Where a client passed to RedisStore connects, for messages and stats()."""
+    nodes = getattr(client, "nodes_manager", None)
+    if nodes is not None:  # RedisCluster
+        return "Redis Cluster " + ",".join(sorted(nodes.startup_nodes))
+    kwargs = client.connection_pool.connection_kwargs
+    service = getattr(client.connection_pool, "service_name", None)
+    if service is not None:  # Sentinel's master_for
+        return f"Sentinel service {service!r}"
+    if "path" in kwargs:
+        return f"unix://{kwargs['path']}"
+    return f"redis://{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
+
+
+def _socket_timeout_of(client: Any) -> float | None:
+    """The socket timeout a client passed to RedisStore waits per answer (None: forever)."""
+    nodes = getattr(client, "nodes_manager", None)
+    kwargs = nodes.connection_kwargs if nodes is not None else client.connection_pool.connection_kwargs
+    seconds = kwargs.get("socket_timeout")
+    return None if seconds is None else float(seconds)

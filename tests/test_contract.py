@@ -335,7 +335,45 @@ def test_redis_store_takes_a_bytes_prefix(redis_url: str) -> None:
     prefix = f"test:{uuid.uuid4().hex}:".encode()
     with RedisStore(redis_url, prefix=prefix) as store:
         store.set("k", 1)
-        assert store.keys() == ["k"] and store._client.exists(prefix + b"k")
+        assert store.keys() == ["k"] and store.redis_key("k") == prefix + b"{k}"
+        assert store.client.get(prefix + b"{k}") == b"1"
+
+
+@pytest.mark.parametrize("prefix", ["a{", "}", "x{y}:", b"{}"], ids=repr)
+def test_redis_store_refuses_a_prefix_with_a_brace(redis_url: str, prefix: str | bytes) -> None:
+    with pytest.raises(InvalidArgumentError, match="brace"):
+        RedisStore(redis_url, prefix=prefix)
+
+
+# Keys whose hash tag needs the escape (empty, or starting with "}" or a backslash) and
+# keys holding braces: each stays itself through keys(), on a slot of its own tag.
+ODD_KEYS = ["", "}", "}x", "\\", "\\}", "{", "{}", "a}b", "a{b}c", "x}", b"\xff}", b"\\\xfe"]
+
+
+def test_odd_keys_round_trip_and_stay_apart(any_store: Store) -> None:
+    for i, key in enumerate(ODD_KEYS):
+        any_store.set(key, i)
+    assert sorted(map(repr, any_store.keys())) == sorted(map(repr, ODD_KEYS))
+    assert [any_store.get(key) for key in ODD_KEYS] == list(range(len(ODD_KEYS)))
+    assert [any_store.get_and_set(key, lambda v: v + 100) for key in ODD_KEYS] == [
+        i + 100 for i in range(len(ODD_KEYS))]
+    assert len(any_store) == len(ODD_KEYS)
+    any_store.clear()
+    assert len(any_store) == 0 and any_store.keys() == []
+
+
+def test_redis_keys_are_hash_tagged_and_escaped(redis_url: str) -> None:
+    with RedisStore(redis_url, prefix="p:") as store:
+        assert store.redis_key("sid") == b"p:{sid}" and store.redis_key(b"a}b") == b"p:{a}b}"
+        assert store.redis_key("") == b"p:{\\}" and store.redis_key("}x") == b"p:{\\}x}"
+        assert store.redis_key("\\") == b"p:{\\\\}"
+        with pytest.raises(InvalidArgumentError):
+            store.redis_key(5)  # type: ignore[arg-type]
+        with pytest.raises(ValueTooLargeError):
+            store.redis_key("x" * 65536)
+        store.close()
+        with pytest.raises(StoreClosedError):
+            store.redis_key("sid")
 
 
 # -- what caches need: add-if-absent, touch, remaining lifetime, missing vs None ----------
