@@ -17,7 +17,21 @@ Opening
     Refused, untouched, with an error naming the path and the fix: symlinks
     (``O_NOFOLLOW``), directories, sockets and other non-regular files, files with
     more than one hard link, files of another owner or writable by group or
-    others, files whose header or size does not match.
+    others, files whose header or size does not match.  ``create=False`` opens
+    only a file that exists (the command line's read-only subcommands).
+
+The open lock
+    Every store holds a shared ``flock`` on its descriptor for as long as the file
+    is open (the mapping's own duplicate descriptor keeps it, and so does a forked
+    child that inherited them, until it lets go).  Maintenance that replaces the
+    file (``prefork-sessions resize``) takes it exclusively: it succeeds only when
+    no other process has the file open, and while it is held a new opener waits
+    (up to its ``lock_timeout``) instead of mapping a file about to be replaced.
+    An opener that got the lock checks that the path still names the file it
+    opened, and opens the replacement if not.  ``flock`` locks belong to the open
+    file description and the kernel drops them when the last descriptor closes,
+    so a killed process never leaves the file locked; they are independent of the
+    page locks and of the OFD locks ``_locks`` uses.
 
 Backing
     A file mapped into memory whose blocks are not allocated (a sparse copy from
@@ -36,6 +50,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 import pwd
@@ -48,7 +63,13 @@ from zlib import crc32
 
 from . import _layout as L
 from . import _locks
-from ._errors import FileFormatError, NoSpaceError, StorePathError, UnsafeFileError
+from ._errors import (
+    FileFormatError,
+    LockTimeoutError,
+    NoSpaceError,
+    StorePathError,
+    UnsafeFileError,
+)
 
 FILE_MODE = 0o640
 _OPEN_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -56,6 +77,8 @@ _O_TMPFILE = getattr(os, "O_TMPFILE", 0)  # 0: build under a named temporary ins
 _NO_TMPFILE = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL)  # the file system (or kernel) lacks O_TMPFILE
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
 _LINKED_RETRIES = 50  # x 10 ms: a named-temporary creator links, then unlinks its temporary
+_OPEN_LOCK_POLL = 0.01  # seconds between tries of a busy open lock
+DEFAULT_OPEN_WAIT = 10.0  # seconds an opener waits for the open lock (MmapStore passes its lock_timeout)
 
 log = logging.getLogger("prefork_sessions")
 _warned: set[tuple[str, int, int, int, int]] = set()
@@ -86,18 +109,27 @@ class Geometry:
     seed: int
 
 
-def open_or_create(path: str, page_size: int, num_pages: int) -> tuple[int, Geometry]:
-    """Open the store file at ``path``, creating it if missing; every block allocated.
+def open_or_create(
+    path: str, page_size: int, num_pages: int, *, create: bool = True, exclusive: bool = False,
+    wait: float = DEFAULT_OPEN_WAIT,
+) -> tuple[int, Geometry]:
+    """Open the store file at ``path``, creating it if missing (unless ``create`` is
+    false); every block allocated, the open lock held (shared, or with ``exclusive``
+    alone), waiting for it up to ``wait`` seconds.
 
     Returns the descriptor and the file's own geometry (which wins over the
     arguments when the file already exists; asking for more is logged as a
     warning).  Raises UnsafeFileError, FileFormatError, NoSpaceError or
-    StorePathError for a file that cannot be used or made.
+    StorePathError for a file that cannot be used or made (StorePathError for a
+    missing one when ``create`` is false), LockTimeoutError when the open lock
+    stays busy.
     """
     for attempt in range(_LINKED_RETRIES):
         try:
             fd = os.open(path, _OPEN_FLAGS)
         except FileNotFoundError:
+            if not create:
+                raise _no_store(path) from None
             _create(path, page_size, num_pages)
             continue  # open what is now in place (ours or a racer's)
         except OSError as e:
@@ -111,13 +143,94 @@ def open_or_create(path: str, page_size: int, num_pages: int) -> tuple[int, Geom
                 time.sleep(0.01 if links else 0)
                 continue
             geo = _validate(fd, path)
+            _take_open_lock(fd, path, exclusive, wait)
+            if _replaced(fd, path):  # by a resize while we waited for the lock: open the new file
+                os.close(fd)
+                continue
             _back(fd, path)
         except BaseException:
             os.close(fd)
             raise
-        _note_geometry(path, geo, page_size, num_pages)
+        if create:  # an opener that may not create asks for no geometry
+            _note_geometry(path, geo, page_size, num_pages)
         return fd, geo
     raise StorePathError(f"{path} keeps disappearing while being opened; is something deleting it?")
+
+
+def _take_open_lock(fd: int, path: str, exclusive: bool, wait: float) -> None:
+    """Hold the open lock on ``fd`` (module docstring), polling up to ``wait`` seconds."""
+    op = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, op)
+            return
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            if e.errno == errno.ENOLCK and not exclusive:
+                return  # no flock on this file system: nothing to share, resize refuses instead
+            raise
+        if time.monotonic() >= deadline:
+            raise _lock_busy(fd, path, exclusive, wait)
+        time.sleep(_OPEN_LOCK_POLL)
+
+
+def _replaced(fd: int, path: str) -> bool:
+    """Whether ``path`` no longer names the file open on ``fd``."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return True
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) != (mine.st_dev, mine.st_ino)
+
+
+def holders(fd: int) -> list[int]:
+    """The other processes with a descriptor of the file open on ``fd`` (those this
+    user may look at in /proc), by pid."""
+    mine = os.fstat(fd)
+    found: set[int] = set()
+    me = os.getpid()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == me:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue  # gone, or another user's
+        for n in fds:
+            try:
+                st = os.stat(f"/proc/{pid}/fd/{n}")
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
+                found.add(int(pid))
+                break
+    return sorted(found)
+
+
+def _lock_busy(fd: int, path: str, exclusive: bool, wait: float) -> LockTimeoutError:
+    pids = holders(fd)
+    who = (f"pid {', '.join(map(str, pids[:10]))}{' ...' if len(pids) > 10 else ''}" if pids
+           else "this process or one this user cannot see")
+    if exclusive:
+        return LockTimeoutError(
+            f"{path} is open in {who}, and stayed open for {wait:g}s; replacing it now would lose "
+            "what they write. Stop every process that uses it (the application's workers, and a "
+            "gunicorn master that loads the app with preload_app), then try again."
+        )
+    return LockTimeoutError(
+        f"{path} is held alone by {who} (a `prefork-sessions resize` replacing it) for more than "
+        f"{wait:g}s; try again when that finishes, or raise lock_timeout."
+    )
+
+
+def _no_store(path: str) -> StorePathError:
+    return StorePathError(
+        f"there is no store file at {path}; nothing was created. Check the path (a store file "
+        "is created by MmapStore(path) with create=True, the default)."
+    )
 
 
 # ---------------------------------------------------------------------- refusals

@@ -9,7 +9,7 @@ The layers, each in its own module:
 * ``_upkeep``: page maintenance (the page rewrite through the spare that serves
   making room, eviction, compaction and repair; reading a page by the repair rules);
 * this module: the file's lifecycle, fork handling, the public API, and the
-  whole-store operations (purge, clear, keys, stats, check).
+  whole-store operations (purge, clear, keys, items, stats, pages, check, verify).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any, Final, Literal, overload
+from typing import Any, Final, Literal, NamedTuple, overload
 
 from . import _layout as L
 from ._args import key_bytes, lifetime, size, timeout
@@ -42,9 +42,9 @@ from ._layout import pages_of
 from ._locks import recover
 from ._pager import BUSY, FastPager
 from ._serializers import Codec
-from ._upkeep import Upkeep
+from ._upkeep import Survey, Upkeep
 
-__all__ = ["DEFAULT_CACHE_SIZE", "DEFAULT_LOCK_TIMEOUT", "DEFAULT_PAGE_SIZE", "NEVER", "MmapStore"]
+__all__ = ["DEFAULT_CACHE_SIZE", "DEFAULT_LOCK_TIMEOUT", "DEFAULT_PAGE_SIZE", "NEVER", "MmapStore", "PageInfo"]
 
 NEVER = 0
 """Pass as ``expire`` for entries that never expire (so does ``math.inf``)."""
@@ -64,6 +64,33 @@ def _too_large(page_size: int, max_entry: int, klen: int, vlen: int) -> ValueToo
         f"the largest entry is {max_entry - L.ENTRY_SIZE} bytes of key plus value. Store less, "
         "or create the store file with a larger page_size."
     )
+
+
+class PageInfo(NamedTuple):
+    """One page as ``MmapStore.pages()`` read it, under its lock."""
+
+    page: int
+    entries: int
+    """Entries in the page, expired ones included until purged."""
+    expired: int
+    """Of those, entries past their expiry (purge, or the next write that needs room, drops them)."""
+    bytes_used: int
+    """Bytes their entries fill (headers, keys, values, padding)."""
+    capacity: int
+    """Bytes of the page's data area."""
+    lru_idle: float | None
+    """Seconds since its least recently used entry was last read or written (what
+    eviction drops first); None for an empty page.  Access times are hints of 1/16 s."""
+    mru_idle: float | None
+    """Seconds since its most recently used entry was last read or written."""
+    evictions: int
+    """Unexpired entries this page dropped for room, ever."""
+    expirations: int
+    """Expired entries removed from this page, ever."""
+    recovered: int
+    """Times this page was repaired."""
+    problems: tuple[str, ...]
+    """What is wrong with the page (``MmapStore.verify``); empty when sound."""
 
 
 class _Absent(enum.Enum):
@@ -178,6 +205,11 @@ class MmapStore(StoreBase):
     lifetime in seconds (``0``/``NEVER`` = never).  ``serializer`` is ``"json"``,
     ``"raw"`` (bytes in, bytes out), ``"pickle"`` or an object with
     ``dumps``/``loads``.  ``lock_timeout`` (seconds) bounds every lock wait.
+
+    With ``create=False`` only an existing file is opened (StorePathError if
+    there is none).  Every open store holds the file's open lock shared;
+    ``exclusive=True`` holds it alone, for maintenance that replaces the file:
+    LockTimeoutError if another process keeps the file open for ``lock_timeout``.
     """
 
     def __init__(
@@ -190,6 +222,8 @@ class MmapStore(StoreBase):
         expire: float = NEVER,
         serializer: Any = "json",
         lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+        create: bool = True,
+        exclusive: bool = False,
     ) -> None:
         page_size = size(page_size, "page_size")
         cache_size = size(cache_size, "cache_size")
@@ -205,6 +239,7 @@ class MmapStore(StoreBase):
             )
         self.path = store_path(path) if path is not None else default_path(app_name)
         self._want_geometry = (page_size, cache_size // page_size)
+        self._create, self._exclusive = bool(create), bool(exclusive)
         super().__init__(expire=expire, serializer=serializer)
         self._dumps, self._loads = self._codec.dumps, self._codec.loads
         self._raw_dumps = None if self.serializer == "raw" else self._dumps  # raw: the pagers take bytes as is
@@ -217,7 +252,8 @@ class MmapStore(StoreBase):
     # ------------------------------------------------------------------ opening
 
     def _open(self) -> None:
-        fd, geo = open_or_create(self.path, *self._want_geometry)
+        fd, geo = open_or_create(self.path, *self._want_geometry, create=self._create,
+                                 exclusive=self._exclusive, wait=self._lock_timeout)
         try:
             mm = mmap.mmap(fd, L.file_size(geo.page_size, geo.num_pages), mmap.MAP_SHARED,
                            mmap.PROT_READ | mmap.PROT_WRITE)
@@ -530,6 +566,37 @@ class MmapStore(StoreBase):
                     out.append(e.key.decode() if e.flags & L.FLAG_STR_KEY else e.key)
         return out
 
+    def items(self) -> Iterator[tuple[str | bytes, Any, float]]:
+        """(key, value, seconds left or ``math.inf``) of every live entry, page by page.
+
+        Each page is read whole under its lock, and yielded after it is unlocked;
+        values are checked against their checksums (a damaged page is repaired
+        first, as any locked read does) and decoded by the store's serializer
+        (SerializationError if one cannot be).  Entries written meanwhile to pages
+        already read are not seen."""
+        loads = self._loads
+        for found in self._page_items():
+            for key, raw, exp in found:
+                value = raw if loads is None else self._codec.decode(raw, self.path)
+                yield key, value, math.inf if not exp else max(0.0, exp - time.time())
+
+    def _page_items(self) -> Iterator[list[tuple[str | bytes, bytes, float]]]:
+        """Each page's live (key, raw value, expire_at) entries, read under its lock."""
+        pager = self._pager
+        for page in range(self.num_pages):
+            pager.hold(page)
+            try:
+                mm, po, now = self._mm, L.page_offset(self.page_size, page), time.time()
+                assert mm is not None
+                found = []
+                for _, e in self._upkeep.entries(page, po, values=True):
+                    if not (e.exp and e.exp <= now):
+                        at = po + e.off + L.ENTRY_SIZE + len(e.key)
+                        found.append((e.key.decode() if e.flags & L.FLAG_STR_KEY else e.key, mm[at:at + e.vlen], e.exp))
+            finally:
+                pager.unlock(page)
+            yield found
+
     def __len__(self) -> int:
         return len(self.keys())
 
@@ -564,37 +631,86 @@ class MmapStore(StoreBase):
             "path": self.path,
         }
 
+    def pages(self) -> list[PageInfo]:
+        """Every page's fill, age and counters, each page read under its lock (so a
+        dead writer's page is repaired on the way, as any locker repairs it; damage
+        is reported in ``problems``, not repaired)."""
+        out: list[PageInfo] = []
+        capacity = self.page_size - self._d0
+        for page, po, survey in self._surveyed():
+            now = time.time()
+            t = L.tick(now)
+            live = survey.live
+            ages = [((t - survey.atimes.get(e.off, t)) & L.TICK_MASK) / L.TICKS_PER_SECOND for e in live]
+            assert self._mm is not None
+            _, _, _, _, _, ev, ex, rec = L.PAGE_HDR.unpack_from(self._mm, po + L.OFF_SEQ)
+            out.append(PageInfo(
+                page, len(live), sum(1 for e in live if e.exp and e.exp <= now), sum(e.span for e in live),
+                capacity, max(ages) if ages else None, min(ages) if ages else None, ev, ex, rec,
+                tuple(survey.problems),
+            ))
+        return out
+
+    def _surveyed(self) -> Iterator[tuple[int, int, Survey]]:
+        """(page, page offset, survey) of each page in turn, the page locked meanwhile."""
+        for page, po in self._each_page():
+            yield page, po, self._upkeep.survey(page, po)
+
     def check(self) -> list[str]:
         """Verify every page and repair what fails: entry checksums, the slot table,
         the counters, and no key in two pages.  Returns the problems found, each
         saying what the repair lost; an empty list means the file was sound.
         Pages a dead writer left mid-change are repaired on the way without being
         problems (``stats()["recovered_pages"]`` counts them)."""
+        return self._audit(repair=True)
+
+    def verify(self) -> list[str]:
+        """The problems ``check()`` would find and repair, repairing none of them:
+        each names its page and what a repair would lose (the keys, where their
+        bytes are intact); an empty list means the file is sound.  Pages a dead
+        writer left mid-change are still repaired on the way, as every locker of
+        a page repairs them."""
+        return self._audit(repair=False)
+
+    def _find(self, page: int, kb: bytes, h: int, s0: int, repair: bool) -> int:
+        """The key's entry offset in a locked page (0: absent); a damaged page is
+        repaired first with ``repair``, else it counts as not holding the key."""
+        if repair:
+            return self._pager.find_locked(page, kb, h, s0)[1]
+        return max(0, self._pager.find(L.page_offset(self.page_size, page), kb, h, s0)[1])
+
+    def _audit(self, repair: bool) -> list[str]:
         problems: list[str] = []
         seen: dict[bytes, int] = {}
         twice: list[tuple[bytes, int]] = []  # (key, hash) seen in both of its pages
-        for page, po in self._each_page():
-            _, atimes, found = self._upkeep.survey(page, po)
-            if found:
-                self._pager.rebuild(page)
-            entries = self._upkeep.entries(page, po)
-            if found:
-                lost = max(0, len(atimes) - len(entries))
-                problems.append(f"page {page}: {'; '.join(found)}; repaired, {lost} of {len(atimes)} entries lost")
-            for _, e in entries:
+        for page, po, survey in self._surveyed():
+            if survey.problems:
+                lost, names = self._upkeep.unreadable(page, po, survey)
+                shown = ", ".join(repr(k) for k in names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+                what = f"{lost} of {len(survey.atimes)} entries"
+                which = f" ({'keys' if len(names) > 1 else 'key'} {shown})" if names else ""
+                if repair:
+                    self._pager.rebuild(page)
+                    problems.append(f"page {page}: {'; '.join(survey.problems)}; repaired, {what} lost{which}")
+                else:
+                    problems.append(f"page {page}: {'; '.join(survey.problems)}; a repair would lose {what}{which}")
+            for _, e in self._upkeep.entries(page, po) if repair or not survey.problems else ():
                 if e.key in seen:
                     twice.append((e.key, e.h))
                 seen[e.key] = page
         for kb, h in twice:  # a writer may have moved it meanwhile: look again, both pages locked
             p1, p2 = pages_of(h, self.num_pages)
             s0 = (h // self.num_pages) % self._nslots
+            po2 = L.page_offset(self.page_size, p2)
             with self._locked(p1, p2):
-                if self._pager.find_locked(p1, kb, h, s0)[1]:
+                if self._find(p1, kb, h, s0, repair) and self._find(p2, kb, h, s0, repair):
+                    # readers see the home page's copy: the other one goes
+                    if not repair:
+                        problems.append(f"key {kb!r} is in pages {p1} and {p2}; a repair removes it from page {p2}")
+                        continue
+                    problems.append(f"key {kb!r} is in pages {p1} and {p2}; removed from page {p2}")
                     so, eo, _ = self._pager.find_locked(p2, kb, h, s0)
-                    if eo:  # readers see the home page's copy: the other one goes
-                        problems.append(f"key {kb!r} is in pages {p1} and {p2}; removed from page {p2}")
-                        po2 = L.page_offset(self.page_size, p2)
-                        self._pager.bump(po2)
-                        self._upkeep.kill(po2, so, eo)
-                        self._pager.bump(po2)
+                    self._pager.bump(po2)
+                    self._upkeep.kill(po2, so, eo)
+                    self._pager.bump(po2)
         return problems

@@ -3,8 +3,10 @@ the one page rewrite through the spare that serves making room, eviction,
 compaction and repair (``_layout`` invariants 4 and 5).
 
 ``Upkeep.rebuild`` is what the pure-Python pager runs; the C pager's ``rebuild``
-implements the same algorithm.  ``survey`` (with the problems it names), ``entries``
-and ``kill`` serve ``MmapStore.check``, ``keys`` and ``purge`` under both pagers.
+implements the same algorithm.  ``survey`` (with the problems it names and
+``unreadable`` what a repair would lose), ``entries`` and ``kill`` serve
+``MmapStore.check``, ``verify``, ``pages``, ``items``, ``keys`` and ``purge``
+under both pagers.
 """
 
 from __future__ import annotations
@@ -275,10 +277,25 @@ class Upkeep:
             self._pages.unlock(L.SPARE_LOCK)
         return problems
 
-    def entries(self, page: int, po: int) -> list[tuple[int, Entry]]:
+    def unreadable(self, page: int, po: int, survey: Survey) -> tuple[int, list[str | bytes]]:
+        """What repairing a surveyed page would lose: how many entries its slots
+        point at that fail their checks, and the keys of those whose key bytes
+        still hash to this page (their header and key intact, the value damaged),
+        as str or bytes as they were stored."""
+        kept = {e.off for e in survey.live}
+        lost = [off for off in survey.atimes if off not in kept]
+        names: list[str | bytes] = []
+        for off in sorted(lost):
+            fields = whole_entry(self._mm, po, off, self._d0, self._ps, self._seed, self._n, page, False)
+            if fields is not None:
+                kb, flags = fields[3], fields[5]
+                names.append(kb.decode() if flags & L.FLAG_STR_KEY and utf8(kb) else kb)
+        return len(lost), names
+
+    def entries(self, page: int, po: int, values: bool = False) -> list[tuple[int, Entry]]:
         """(slot offset, entry) of each live entry of a locked page, by its slot
-        table, each checked (no checksum: values are not read); a page that fails
-        is repaired first (``Pages.rebuild``)."""
+        table, each checked (the checksum too with ``values``, for a caller that
+        reads them); a page that fails is repaired first (``Pages.rebuild``)."""
         mm = self._mm
         base = po + L.PAGE_HDR_SIZE
         for _ in range(2):
@@ -289,7 +306,7 @@ class Upkeep:
                 so = base + (i << L.SLOT_SHIFT)
                 off = _u32_at(mm, so)[0]
                 if off > L.SLOT_TOMB:
-                    e = self.parse(page, po, off, bump, False)
+                    e = self.parse(page, po, off, bump, values)
                     if e is None or e.dead or e.key in keys:
                         break
                     keys.add(e.key)
