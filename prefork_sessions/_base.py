@@ -102,6 +102,11 @@ class StoreBase(abc.ABC):
         self._busy = CallbackThreads()
         self._hits = self._misses = 0
 
+    @property
+    def codec(self) -> Codec:
+        """The store's serializer, resolved: ``encode``/``decode`` raise SerializationError."""
+        return self._codec
+
     @staticmethod
     def _key(key: object) -> bytes:
         """``key`` as the bytes it is stored under; raises for a key no store accepts."""

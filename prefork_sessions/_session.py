@@ -4,13 +4,14 @@ Theory of operation
 ===================
 
 A browser holds only an opaque session id in a cookie; the data lives in the
-store under ``key_prefix + digest(id)`` as one value::
+store under ``key_prefix + digest(id)``: on RedisStore as a HASH with a field
+per data key, on any other store as one value::
 
     {"d": {...session data...}, "e": <expiry, epoch seconds>, "f": [[category, message], ...]}
 
-The store does not report an entry's remaining lifetime, so the session keeps
-its own expiry (``"e"``) in the value; the store's own expiry is set to the
-same lifetime so abandoned sessions are reclaimed.
+(``_records`` owns both forms).  The session keeps its own expiry (``"e"``)
+with its data; the store's own expiry is set to the same lifetime so abandoned
+sessions are reclaimed.
 
 Rules
 -----
@@ -26,12 +27,12 @@ Rules
 4. Nothing is written unless something changed.  A read-only request writes
    only when the remaining lifetime has fallen under ``refresh_threshold``
    (sliding expiry), and then only the expiry.
-5. A save of a loaded session is a merge, done inside ``store.get_and_set``:
-   the keys this request set, mutated or deleted are applied to the latest
-   stored copy, so two concurrent requests changing different keys both keep
-   their changes.  If the stored copy vanished meanwhile (a concurrent logout
-   or rotation, expiry, eviction) nothing is written: a session is never
-   resurrected from a stale copy.
+5. A save of a loaded session is a merge: the keys this request set, mutated
+   or deleted are applied to the latest stored copy (inside ``get_and_set``; on
+   Redis by one script that sends only those keys, without reading), so two
+   concurrent requests changing different keys both keep their changes.  If
+   the stored copy vanished meanwhile (a concurrent logout or rotation, expiry,
+   eviction) nothing is written: a session is never resurrected.
 6. A new, rotated or invalidated-then-refilled session is written whole under
    its fresh id; ids it replaces are deleted only after that write succeeded.
 7. A save that fails (value not serialisable, too large, lock timeout) writes
@@ -57,7 +58,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal, NamedTuple, Protocol, TypeGuard
+from typing import Any, Literal, NamedTuple, TypeGuard
 
 from werkzeug.http import dump_cookie
 from werkzeug.sansio.http import parse_cookie
@@ -67,6 +68,13 @@ from ._errors import (
     SerializationError,
     SessionStoreError,
     StoreUnavailableError,
+)
+from ._records import (
+    SessionRecords,
+    SessionStore,
+    Stored,
+    WholeRecords,
+    merge_changes,
 )
 
 __all__ = [
@@ -115,11 +123,6 @@ _NON_ASCII_RE = re.compile(r"[^\x00-\x7f]")
 # an application secret used for other purposes too yields a key of its own.
 _SECRET_PERSON = b"prefork_sessions"
 
-# Keys of the stored value.
-_DATA = "d"
-_EXPIRES = "e"
-_FLASHES = "f"
-
 # The clock for session expiry (epoch seconds); a module attribute so tests
 # can move time without touching the store.
 _clock: Callable[[], float] = time.time
@@ -130,20 +133,6 @@ def now() -> float:
     return _clock()
 
 Flash = tuple[str, Any]  # (category, message)
-
-
-class SessionStore(Protocol):
-    """What the session layer needs from a store (MmapStore provides it)."""
-
-    def get(self, key: str, default: Any = None) -> Any: ...
-
-    def set(self, key: str, value: Any, expire: float | None = None) -> None: ...
-
-    def delete(self, key: str) -> bool: ...
-
-    def get_and_set(
-        self, key: str, fn: Callable[[Any], Any], expire: float | None = None
-    ) -> Any: ...
 
 
 def new_session_id() -> str:
@@ -313,17 +302,16 @@ def changes(base: Mapping[str, Any], data: Mapping[str, Any]) -> tuple[list[str]
     return changed, [k for k in base if k not in data]
 
 
-def merge_changes(
-    stored: dict[str, Any], data: Mapping[str, Any], changed: Iterable[str], deleted: Iterable[str]
-) -> dict[str, Any]:
-    """``stored`` (the latest stored data) with this request's changes applied: the
-    ``changed`` keys take ``data``'s values, the ``deleted`` ones go.  Every other
-    key keeps what a concurrent request may have written meanwhile."""
-    for key in changed:
-        stored[key] = data[key]
-    for key in deleted:
-        stored.pop(key, None)
-    return stored
+def records_for(store: SessionStore) -> SessionRecords:
+    """How sessions are kept in ``store``: natively merged HASHes on RedisStore
+    (``_redis_sessions``), whole values on any other store."""
+    from ._redis import RedisStore
+
+    if isinstance(store, RedisStore):
+        from ._redis_sessions import HashRecords
+
+        return HashRecords(store)
+    return WholeRecords(store)
 
 
 class Plan(enum.Enum):
@@ -443,10 +431,6 @@ class SessionOptions:
         return self.lifetime / 2 if self.refresh_threshold is None else self.refresh_threshold
 
 
-class _Vanished(Exception):
-    """Raised inside get_and_set when the stored copy is gone: store nothing."""
-
-
 _MISSING: Any = object()
 _NO_SNAPSHOTS: Mapping[str, Any] = MappingProxyType({})
 _NO_KEYS: frozenset[str] = frozenset()
@@ -463,33 +447,6 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     return bool(a == b)
-
-
-# No session we write expires this late; the bound keeps float() of a stored int finite.
-_FAR_FUTURE = 2.0**53
-
-
-def _parse_stored(value: Any, now: float) -> tuple[dict[str, Any], float, list[Any]] | None:
-    """Return (data, expires, flashes) of a stored value, or None if unusable or expired.
-
-    Anything may be stored under a session's key (by another writer of the
-    store): a value of any other shape, a NaN, infinite or huge expiry, or
-    flashes that are not [category, message] pairs never raise later.
-    """
-    if not isinstance(value, dict):
-        return None
-    data, expires, flashes = value.get(_DATA), value.get(_EXPIRES), value.get(_FLASHES)
-    if not (isinstance(data, dict) and _is_number(expires) and now < expires < _FAR_FUTURE):
-        return None
-    if not isinstance(flashes, list):
-        flashes = []  # also when absent
-    elif flashes and not all(_is_flash(item) for item in flashes):
-        flashes = [item for item in flashes if _is_flash(item)]
-    return data, float(expires), flashes
-
-
-def _is_flash(item: Any) -> bool:
-    return type(item) is list and len(item) == 2 and type(item[0]) is str
 
 
 class Session(MutableMapping[str, Any]):
@@ -515,6 +472,7 @@ class Session(MutableMapping[str, Any]):
     _snapshots: dict[str, Any] | Mapping[str, Any] = _NO_SNAPSHOTS  # pristine copies of
     _set_keys: set[str] | frozenset[str] = _NO_KEYS  # mutable values handed out; keys set
     _flashes: list[Any]  # as loaded: [category, message] pairs
+    _flash_ids: Sequence[Any] = ()  # the store's id of each of _flashes, for the merge
     _consumed: frozenset[int] = frozenset()  # indexes into _flashes read by this request
     _new_flashes: tuple[list[Any], ...] = ()
     _dead_ids: tuple[str, ...] = ()  # stored ids to delete once the save succeeded
@@ -540,13 +498,13 @@ class Session(MutableMapping[str, Any]):
                 break
             key = self._manager.store_key(sid)
             try:
-                parsed = _parse_stored(self._manager.fetch(key, sid), now)
+                stored = self._manager.fetch(key, sid, now)
             except BaseException:
                 self._loaded = False  # not loaded: nothing to save, and a later use tries again
                 raise
-            if parsed is not None:
+            if stored is not None:
                 self._sid, self._key, self._new = sid, key, False
-                self._data, self._expires, self._flashes = parsed
+                self._data, self._expires, self._flashes, self._flash_ids = stored
                 self._base = self._data
                 return
         self._sid = new_session_id()
@@ -729,7 +687,7 @@ class Session(MutableMapping[str, Any]):
         self._base = self._data = {}
         self._snapshots, self._set_keys = _NO_SNAPSHOTS, _NO_KEYS
         self._force = False
-        self._flashes, self._consumed, self._new_flashes = [], frozenset(), ()
+        self._flashes, self._flash_ids, self._consumed, self._new_flashes = [], (), frozenset(), ()
 
     # -- flash messages ---------------------------------------------------------
 
@@ -777,16 +735,9 @@ class Session(MutableMapping[str, Any]):
         kept = [f for i, f in enumerate(self._flashes) if i not in self._consumed]
         return kept + list(self._new_flashes)
 
-    def _merge_flashes(self, stored: list[Any]) -> list[Any]:
-        if not self._consumed and not self._new_flashes:
-            return stored
-        out = list(stored)
-        for index in sorted(self._consumed):
-            try:
-                out.remove(self._flashes[index])
-            except ValueError:
-                pass  # a concurrent request consumed it already
-        return out + list(self._new_flashes)
+    def _consumed_ids(self) -> list[Any]:
+        ids = self._flash_ids
+        return [ids[index] for index in sorted(self._consumed)]
 
 
 class SessionManager:
@@ -795,9 +746,14 @@ class SessionManager:
     Thread-safe: it holds no per-request state.
     """
 
-    def __init__(self, store: SessionStore, options: SessionOptions) -> None:
+    def __init__(
+        self, store: SessionStore, options: SessionOptions, records: SessionRecords | None = None
+    ) -> None:
         self.store = store
         self.options = options
+        self.records = records_for(store) if records is None else records
+        """How sessions are kept in ``store`` (``_records``): a HASH each on
+        RedisStore, one value each on any other store."""
         secrets = () if options.secret is None else (_secret_bytes(options.secret),)
         self.store_key = StoreKeys(options.key_prefix, secrets)
         """The store key of a session id: ``key_prefix`` + 64 hex digits of a one-way
@@ -838,11 +794,11 @@ class SessionManager:
         """Return the (lazily loaded) session for the request's cookie values."""
         return Session(self, cookie_values)
 
-    def fetch(self, key: str, sid: str) -> Any:
-        """Return the value stored under ``key`` (session ``sid``'s store key), or None
-        (also for undecodable values)."""
+    def fetch(self, key: str, sid: str, now: float) -> Stored | None:
+        """Return the session stored under ``key`` (session ``sid``'s store key), or
+        None (also when expired at ``now``, of the wrong shape or undecodable)."""
         try:
-            return self.store.get(key)
+            return self.records.load(key, now)
         except SerializationError as e:
             # A serializer's complaint may quote the stored value, which an app may
             # have made hold the id: never log a session id.
@@ -920,19 +876,18 @@ class SessionManager:
         rotated or changed session, or a sliding refresh), so its Max-Age and
         Expires always match the server's; and expired with an invalidation.
         """
-        store, key_of, lifetime = self.store, self.store_key, self._lifetime
+        records, key_of, lifetime = self.records, self.store_key, self._lifetime
         now = _clock()
         expires = now + lifetime
         if s._new or s._rotated:
             flashes = s._remaining_flashes()
             if s._new and not s._data and not flashes:
                 for sid in s._dead_ids:
-                    store.delete(key_of(sid))
+                    records.delete(key_of(sid))
                 return _ENDED if s._invalidated else _UNCHANGED
-            value = {_DATA: s._data, _EXPIRES: expires, _FLASHES: flashes}
-            store.set(key_of(s._sid), value, expire=lifetime)
+            records.write(key_of(s._sid), s._data, expires, flashes, lifetime)
             for sid in s._dead_ids:
-                store.delete(key_of(sid))
+                records.delete(key_of(sid))
             s._stored(expires)
             return Saved(Plan.WHOLE, "set", expires, True)
         # Neither new, rotated nor invalidated (that makes it new): this is `modified`.
@@ -943,33 +898,17 @@ class SessionManager:
         else:
             changed = deleted = _NOTHING
         if changed or deleted or s._force or s._new_flashes or s._consumed:
-            plan, mine = Plan.MERGE, s._data
-
-            def merge(current: Any) -> Any:
-                parsed = _parse_stored(current, now)
-                if parsed is None:
-                    raise _Vanished
-                data, _, stored_flashes = parsed
-                return {
-                    _DATA: merge_changes(data, mine, changed, deleted),
-                    _EXPIRES: expires,
-                    _FLASHES: s._merge_flashes(stored_flashes),
-                }
-
+            plan = Plan.MERGE
+            kept = records.merge(  # s._key: it was found stored
+                s._key, s._data, changed, deleted, expires, lifetime, now,
+                s._consumed_ids(), s._new_flashes,
+            )
         elif s._expires - now < self._threshold:
             plan = Plan.REFRESH
-
-            def merge(current: Any) -> Any:
-                if _parse_stored(current, now) is None:
-                    raise _Vanished
-                current[_EXPIRES] = expires
-                return current
-
+            kept = records.refresh(s._key, expires, lifetime, now)
         else:
             return _UNCHANGED
-        try:
-            store.get_and_set(s._key, merge, expire=lifetime)  # stored: its key is known
-        except _Vanished:
+        if not kept:
             log.info("session ended by another request before this one saved; changes dropped")
             return _GONE
         s._stored(expires)

@@ -42,6 +42,7 @@ Rules
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -56,7 +57,11 @@ from django.contrib.sessions.backends.base import (  # type: ignore[import-untyp
 from ._base import StoreBase
 from ._django_cache import MmapCache
 from ._errors import InvalidArgumentError, SessionStoreError
-from ._session import Plan, StoreKeys, changes, merge_changes
+from ._records import Stored
+from ._redis import RedisStore
+from ._redis_sessions import HashRecords
+from ._serializers import Codec
+from ._session import MAX_LIFETIME, Plan, StoreKeys, changes, merge_changes, now
 from ._shared import close_shared, shared_mmap, shared_redis
 from ._store import DEFAULT_CACHE_SIZE, default_path
 
@@ -73,6 +78,7 @@ _CREATE_TRIES = 100  # a CreateError means a concurrent creator took the same ra
 _MAX_KEYRINGS = 16  # StoreKeys kept for (SECRET_KEY, SECRET_KEY_FALLBACKS) sets
 
 _keyrings: dict[tuple[bytes, ...], StoreKeys] = {}
+_hashes: dict[tuple[RedisStore, type], HashRecords] = {}  # per store and SESSION_SERIALIZER
 
 
 class _Refused(Exception):
@@ -148,6 +154,26 @@ def _keyring() -> StoreKeys:
     return keys
 
 
+def _records(store: RedisStore, serializer: type) -> HashRecords:
+    """The HASH sessions of ``store``, each value in SESSION_SERIALIZER's form."""
+    records = _hashes.get((store, serializer))
+    if records is None:
+        if len(_hashes) >= _MAX_KEYRINGS:
+            _hashes.clear()
+        records = _hashes[store, serializer] = HashRecords(
+            store, Codec(serializer()), whole=_whole_record
+        )
+    return records
+
+
+def _whole_record(raw: bytes, at: float) -> Stored | None:
+    """A record written whole (by ``prefork-sessions import`` from a file), for its
+    conversion to a HASH.  It keeps its key's remaining lifetime; ``e`` only has to
+    be in the future until the next save sets it."""
+    data = SessionBase().decode(raw.decode("ascii", "replace"))
+    return Stored(data, at + MAX_LIFETIME, [], ()) if data else None
+
+
 def store_key(session_key: str) -> str:
     """The store key of ``session_key``: KEY_PREFIX + 64 hex digits of keyed
     BLAKE2b-256, keyed by a digest of ``settings.SECRET_KEY``."""
@@ -160,9 +186,14 @@ class SessionStore(SessionBase):  # type: ignore[misc]  # SessionBase is untyped
     def __init__(self, session_key: str | None = None) -> None:
         super().__init__(session_key)
         self._store = get_store()
+        # On Redis, a HASH per session merged natively (``_redis_sessions``).
+        self._hash = (
+            _records(self._store, self.serializer) if isinstance(self._store, RedisStore) else None
+        )
         # (session key, record as loaded, store key it was found under): the base
-        # of the merge in save(), and where a fallback-keyed record came from.
-        self._loaded: tuple[str, bytes, str] | None = None
+        # of the merge in save(), and where a fallback-keyed record came from.  The
+        # record is the stored bytes in a file, a pristine copy of the data on Redis.
+        self._loaded: tuple[str, Any, str] | None = None
 
     def _record(self, data: dict[str, Any]) -> bytes:
         encoded: str = self.encode(data)
@@ -177,6 +208,12 @@ class SessionStore(SessionBase):  # type: ignore[misc]  # SessionBase is untyped
         if key is not None:
             keys = _keyring()
             for skey in (keys(key), *keys.fallbacks(key)):
+                if self._hash is not None:
+                    stored = self._hash.load(skey, now())
+                    if stored is not None:
+                        self._loaded = (key, copy.deepcopy(stored.data), skey)
+                        return stored.data
+                    continue
                 record = self._store.get(skey)
                 if record is not None:
                     # An undecodable record reads as {} (Django logs it), as in its own engines.
@@ -241,6 +278,9 @@ class SessionStore(SessionBase):  # type: ignore[misc]  # SessionBase is untyped
                 raise UpdateError
             self._loaded = None
             return
+        if self._hash is not None:
+            self._save_hash(key, data, age, skey, plan, loaded, moved_from, must_create)
+            return
         record = self._record(data)
         if moved_from != skey:  # found under a fallback key: move it to the current one
             current = self._store.get(moved_from)
@@ -269,6 +309,35 @@ class SessionStore(SessionBase):  # type: ignore[misc]  # SessionBase is untyped
             raise (CreateError if must_create else UpdateError) from None
         # The next save of this object merges what changed since this one.
         self._loaded = (key, record, skey)
+
+    def _save_hash(
+        self, key: str, data: dict[str, Any], age: float, skey: str, plan: Plan,
+        loaded: tuple[str, Any, str] | None, moved_from: str, must_create: bool,
+    ) -> None:
+        """save() on Redis: by the same rules, natively merged (no read but for a move)."""
+        assert self._hash is not None
+        records, at = self._hash, now()
+        expires = at + age
+        base = loaded[1] if plan is Plan.MERGE and loaded is not None else None
+        if moved_from != skey:  # found under a fallback key: move it to the current one
+            stored = records.load(moved_from, at)
+            if stored is not None:
+                changed, deleted = changes(base or {}, data)
+                merged = merge_changes(stored.data, data, changed, deleted)
+                records.write(skey, merged, expires, [], age)
+            if stored is None or not self._store.delete(moved_from):
+                self._store.delete(skey)  # deleted meanwhile: logout wins
+                raise UpdateError
+        elif must_create:
+            if not records.write(skey, data, expires, [], age, when="absent"):
+                raise CreateError
+        elif base is not None:
+            changed, deleted = changes(base, data)
+            if not records.merge(skey, data, changed, deleted, expires, age, at):
+                raise UpdateError
+        elif not records.write(skey, data, expires, [], age, when="present"):
+            raise UpdateError
+        self._loaded = (key, copy.deepcopy(data), skey)
 
     def delete(self, session_key: str | None = None) -> None:
         if session_key is None:

@@ -57,6 +57,10 @@ from werkzeug.exceptions import ServiceUnavailable
 
 from ._base import StoreBase
 from ._errors import InvalidArgumentError, SerializationError, StoreUnavailableError
+from ._records import SessionRecords, WholeRecords
+from ._redis import RedisStore
+from ._redis_sessions import HashRecords
+from ._serializers import Codec
 from ._session import (
     DEFAULT_KEY_PREFIX,
     Session,
@@ -209,6 +213,13 @@ class _TaggedStore:
 
     def delete(self, key: str) -> bool:
         return self.store.delete(key)
+
+    def records(self) -> SessionRecords:
+        """How the core keeps sessions here: a HASH per session with each value tagged
+        on RedisStore, else one tagged value per session through this object."""
+        if isinstance(self.store, RedisStore):
+            return HashRecords(self.store, Codec(self._serializer))
+        return WholeRecords(self)
 
     def get_and_set(self, key: str, fn: Callable[[Any], Any], expire: float | None = None) -> Any:
         result: list[Any] = []
@@ -444,7 +455,7 @@ class PreforkSessionInterface(SessionInterface):
                 raise InvalidArgumentError(f"PERMANENT_SESSION_LIFETIME: {e}") from None
             if len(self._managers) >= _MAX_CACHED:
                 self._managers.clear()
-            manager = self._managers[key] = SessionManager(store, options)
+            manager = self._managers[key] = SessionManager(store, options, store.records())
         return manager
 
     def _signer(self, app: Flask) -> _Signer | None:

@@ -3,6 +3,7 @@ mmap store and on Redis, a real test-client round trip, the merge, and the store
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -238,7 +239,9 @@ def test_redis_url_selects_redis(redis_url: str) -> None:
         store = engine.get_store()
         assert isinstance(store, RedisStore)
         sid = client.cookies[settings.SESSION_COOKIE_NAME].value
-        assert store.get(engine.store_key(sid)) is not None
+        assert engine.store_key(sid) in store
+        fields = store.client.hgetall(store.redis_key(engine.store_key(sid)))  # natively a HASH
+        assert json.loads(fields[b"d:n"]) == 2 and float(fields[b"e"]) > time.time()
         assert all(sid not in str(k) for k in store)
     engine.close_stores()
 
