@@ -1,8 +1,8 @@
 """RedisStore: MmapStore's interface on a Redis server, for more than one machine.
 
-Atomic updates use optimistic transactions (WATCH/MULTI/EXEC): ``get_and_set``
-reads, runs ``fn``, and commits only if nobody changed the key meanwhile,
-otherwise it runs ``fn`` again on the newer value.  Expiry is Redis's own (PX).
+Atomic updates take a short per-key lock (two Lua scripts and a FIFO handoff,
+see _redis_lock): ``get_and_set`` waits its turn instead of retrying, and costs
+2 commands alone, 3 when it waited.  Expiry is Redis's own (PX).
 Each key lives at ``prefix + "{" + key + "}"`` (a Redis Cluster hash tag, see
 _redis_keys), so ``clear()`` and ``keys()`` never touch others' keys, and a
 key's auxiliary keys share its slot.  The client may be a ``redis.Redis``
@@ -33,14 +33,17 @@ from ._errors import (
     ValueTooLargeError,
 )
 from ._redis_keys import check_prefix, data_key, data_pattern, every_pattern, store_key
+from ._redis_lock import DEFAULT_LOCK_LEASE, KeyLock
+from ._store import DEFAULT_LOCK_TIMEOUT
 
-__all__ = ["DEFAULT_SOCKET_TIMEOUT", "RedisStore"]
+__all__ = ["DEFAULT_LOCK_LEASE", "DEFAULT_SOCKET_TIMEOUT", "RedisStore"]
 
 MAX_VALUE_SIZE = 512 << 20  # Redis's limit for a string value
 DEFAULT_PREFIX = "prefork_sessions:"
 DEFAULT_SOCKET_TIMEOUT = 2.0
 """Seconds a client made from a URL waits to connect, and for each answer."""
 RETRIES = 1  # after a failed attempt: a stale pooled connection (server restarted) reconnects
+_UNTIMED_WAIT = 1.0  # longest BLPOP for a client without a socket timeout
 _USERINFO = re.compile(r"//[^@/]*@")
 
 P = ParamSpec("P")
@@ -78,6 +81,12 @@ class RedisStore(StoreBase):
     ``url``; with one retry a call fails within 4 x ``socket_timeout``.  A server
     that cannot be reached raises StoreUnavailableError.  Bad arguments raise
     InvalidArgumentError.
+
+    ``get_and_set`` holds a per-key lock while ``fn`` runs: ``lock_lease``
+    (seconds, DEFAULT_LOCK_LEASE) is how long a holder may take before the next
+    caller gets the key (a killed holder blocks it no longer than that; a slower
+    ``fn`` runs again on the value then current), and ``lock_timeout`` (seconds,
+    DEFAULT_LOCK_TIMEOUT) bounds the whole wait: LockTimeoutError after it.
     """
 
     def __init__(
@@ -89,6 +98,8 @@ class RedisStore(StoreBase):
         expire: float = 0,
         serializer: Any = "json",
         socket_timeout: float | None = None,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+        lock_lease: float = DEFAULT_LOCK_LEASE,
     ) -> None:
         import redis
         import redis.backoff
@@ -106,6 +117,8 @@ class RedisStore(StoreBase):
             DEFAULT_SOCKET_TIMEOUT if socket_timeout is None else socket_timeout, "socket_timeout"
         )
         self.socket_timeout: float | None = seconds
+        self._lock_timeout = timeout(lock_timeout, "lock_timeout")
+        self._lock_lease = timeout(lock_lease, "lock_lease")
         """Seconds each answer may take (None: a client passed without one)."""
         self._socket_args: dict[str, Any] = {"socket_timeout": seconds, "socket_connect_timeout": seconds}
         self._redis = redis
@@ -120,6 +133,7 @@ class RedisStore(StoreBase):
         if not self._owns_client:
             self.url = _describe(self._client)
             self.socket_timeout = _socket_timeout_of(self._client)
+        self._lock = self._key_lock()
         self._closed = False
 
     @property
@@ -145,6 +159,10 @@ class RedisStore(StoreBase):
         if self._busy:
             self._busy.check()
         return data_key(self._prefix, self._key(key))
+
+    def _key_lock(self) -> KeyLock:
+        longest = _UNTIMED_WAIT if self.socket_timeout is None else self.socket_timeout / 2
+        return KeyLock(self._client, lease=self._lock_lease, timeout=self._lock_timeout, longest_wait=longest)
 
     def _connect(self) -> Any:
         retry = self._redis.retry.Retry(self._redis.backoff.NoBackoff(), RETRIES)
@@ -208,30 +226,21 @@ class RedisStore(StoreBase):
     ) -> Any:
         """Atomically store and return ``fn(current value)`` (``missing`` when absent).
 
-        Optimistic: if another client changes the key while ``fn`` runs, ``fn``
-        runs again on the new value, so keep it free of side effects.  If ``fn``
-        raises, nothing is stored.  With ``keep_expiry`` an existing key keeps its
-        remaining lifetime (SET ... KEEPTTL).
+        Runs ``fn`` holding the key's lock, waiting in line for it (LockTimeoutError
+        after ``lock_timeout``).  ``fn`` runs again on the newer value if it outlived
+        ``lock_lease`` or a plain ``set``/``delete`` changed the key meanwhile, so
+        keep it free of side effects.  If ``fn`` raises, nothing is stored.  With
+        ``keep_expiry`` an existing key keeps its remaining lifetime (KEEPTTL).
         """
         k = self._k(key)
         px = self._px(expire)
-        with self._client.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(k)
-                    raw: bytes | None = pipe.get(k)
-                    current = missing if raw is None else self._codec.decode(raw, self.url)
-                    new = self._busy.run(fn, current)
-                    vb = self._encode(key, new)
-                    pipe.multi()
-                    if keep_expiry and raw is not None:
-                        pipe.set(k, vb, keepttl=True)
-                    else:
-                        pipe.set(k, vb, px=px)
-                    pipe.execute()
-                    return new
-                except self._redis.WatchError:
-                    continue
+
+        def compute(raw: bytes | None) -> tuple[bytes, Any]:
+            current = missing if raw is None else self._codec.decode(raw, self.url)
+            new = self._busy.run(fn, current)
+            return self._encode(key, new), new
+
+        return self._lock.update(k, compute, px, keep_expiry)
 
     @_reaching
     def add(self, key: str | bytes, value: Any, expire: float | None = None) -> bool:
@@ -341,6 +350,7 @@ class RedisStore(StoreBase):
         if self._owns_client:
             self._client.close()
             self._client = self._connect()
+            self._lock = self._key_lock()
         self._closed = False
 
     def close(self) -> None:
