@@ -78,7 +78,8 @@ _CREATE_TRIES = 100  # a CreateError means a concurrent creator took the same ra
 _MAX_KEYRINGS = 16  # StoreKeys kept for (SECRET_KEY, SECRET_KEY_FALLBACKS) sets
 
 _keyrings: dict[tuple[bytes, ...], StoreKeys] = {}
-_hashes: dict[tuple[RedisStore, type], HashRecords] = {}  # per store and SESSION_SERIALIZER
+# per store, engine class (its signing salt) and SESSION_SERIALIZER
+_hashes: dict[tuple[RedisStore, type, type], HashRecords] = {}
 
 
 class _Refused(Exception):
@@ -154,26 +155,6 @@ def _keyring() -> StoreKeys:
     return keys
 
 
-def _records(store: RedisStore, serializer: type) -> HashRecords:
-    """The HASH sessions of ``store``, each value in SESSION_SERIALIZER's form."""
-    records = _hashes.get((store, serializer))
-    if records is None:
-        if len(_hashes) >= _MAX_KEYRINGS:
-            _hashes.clear()
-        records = _hashes[store, serializer] = HashRecords(
-            store, Codec(serializer()), whole=_whole_record
-        )
-    return records
-
-
-def _whole_record(raw: bytes, at: float) -> Stored | None:
-    """A record written whole (by ``prefork-sessions import`` from a file), for its
-    conversion to a HASH.  It keeps its key's remaining lifetime; ``e`` only has to
-    be in the future until the next save sets it."""
-    data = SessionBase().decode(raw.decode("ascii", "replace"))
-    return Stored(data, at + MAX_LIFETIME, [], ()) if data else None
-
-
 def store_key(session_key: str) -> str:
     """The store key of ``session_key``: KEY_PREFIX + 64 hex digits of keyed
     BLAKE2b-256, keyed by a digest of ``settings.SECRET_KEY``."""
@@ -187,13 +168,32 @@ class SessionStore(SessionBase):  # type: ignore[misc]  # SessionBase is untyped
         super().__init__(session_key)
         self._store = get_store()
         # On Redis, a HASH per session merged natively (``_redis_sessions``).
-        self._hash = (
-            _records(self._store, self.serializer) if isinstance(self._store, RedisStore) else None
-        )
+        self._hash = self._records() if isinstance(self._store, RedisStore) else None
         # (session key, record as loaded, store key it was found under): the base
         # of the merge in save(), and where a fallback-keyed record came from.  The
         # record is the stored bytes in a file, a pristine copy of the data on Redis.
         self._loaded: tuple[str, Any, str] | None = None
+
+    def _records(self) -> HashRecords:
+        """The HASH sessions of this Redis store, each value in SESSION_SERIALIZER's form."""
+        assert isinstance(self._store, RedisStore)
+        which = (self._store, type(self), self.serializer)
+        records = _hashes.get(which)
+        if records is None:
+            if len(_hashes) >= _MAX_KEYRINGS:
+                _hashes.clear()
+            records = _hashes[which] = HashRecords(
+                self._store, Codec(self.serializer()), whole=self._whole_record
+            )
+        return records
+
+    def _whole_record(self, raw: bytes, at: float) -> Stored | None:
+        """A record written whole (by ``prefork-sessions import`` from a file), for its
+        conversion to a HASH.  It keeps its key's remaining lifetime; ``e`` only has
+        to be in the future until the next save sets it.  (Any object of this class
+        decodes alike: the signing salt and serializer are the class's.)"""
+        data = self._data(raw)
+        return Stored(data, at + MAX_LIFETIME, [], ()) if data else None
 
     def _record(self, data: dict[str, Any]) -> bytes:
         encoded: str = self.encode(data)

@@ -52,6 +52,20 @@ def mmap_settings(tmp_path: Path) -> Iterator[Path]:
     engine.close_stores()
 
 
+@pytest.fixture(params=["mmap", "redis"])
+def either_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """PREFORK_SESSIONS naming a fresh store file, or the test process's redis-server."""
+    if request.param == "mmap":
+        conf: dict[str, Any] = {"path": str(tmp_path / "sessions"), "cache_size": SMALL}
+    else:
+        conf = {"redis_url": request.getfixturevalue("redis_url")}
+    with override_settings(PREFORK_SESSIONS=conf):
+        yield str(request.param)
+        if request.param == "redis":
+            engine.get_store().clear()
+    engine.close_stores()
+
+
 class TestMmapSessionContract(SessionTestsMixin, SimpleTestCase):  # type: ignore[misc]
     """Django's own backend contract, on the mmap store."""
 
@@ -133,7 +147,7 @@ def test_store_never_holds_the_session_key(mmap_settings: Path) -> None:
         assert engine.SessionStore(key).load() == {}
 
 
-def test_concurrent_saves_merge_keys(mmap_settings: Path) -> None:
+def test_concurrent_saves_merge_keys(either_store: str) -> None:
     s = engine.SessionStore()
     s.update({"a": 0, "b": 0, "gone": 1})
     s.save()
@@ -150,7 +164,7 @@ def test_concurrent_saves_merge_keys(mmap_settings: Path) -> None:
     assert engine.SessionStore(s.session_key).load() == {"a": 1, "b": 2, "c": 3}
 
 
-def test_save_of_deleted_session_raises_and_writes_nothing(mmap_settings: Path) -> None:
+def test_save_of_deleted_session_raises_and_writes_nothing(either_store: str) -> None:
     s = engine.SessionStore()
     s["x"] = 1
     s.save()
@@ -165,7 +179,7 @@ def test_save_of_deleted_session_raises_and_writes_nothing(mmap_settings: Path) 
     assert not s.exists(key)
 
 
-def test_negative_expiry_removes_a_stored_session(mmap_settings: Path) -> None:
+def test_negative_expiry_removes_a_stored_session(either_store: str) -> None:
     s = engine.SessionStore()
     s["x"] = 1
     s.save()
@@ -175,7 +189,7 @@ def test_negative_expiry_removes_a_stored_session(mmap_settings: Path) -> None:
     assert s.exists(key) is False
 
 
-def test_only_one_of_racing_creators_wins(mmap_settings: Path) -> None:
+def test_only_one_of_racing_creators_wins(either_store: str) -> None:
     key = "k" * 32
     barrier = threading.Barrier(8)
     outcome: dict[int, str] = {}
@@ -277,7 +291,7 @@ OLD_SECRET = "the-old-secret-key-that-was-rotated-out-of-settings"
 
 
 def test_a_session_under_a_fallback_key_loads_and_moves_to_the_current_key(
-    mmap_settings: Path,
+    either_store: str,
 ) -> None:
     with override_settings(SECRET_KEY=OLD_SECRET):
         s = engine.SessionStore()
@@ -297,7 +311,7 @@ def test_a_session_under_a_fallback_key_loads_and_moves_to_the_current_key(
     assert engine.SessionStore(key).load() == {"user": 7, "seen": True}
 
 
-def test_without_the_fallback_a_rotated_secret_ends_the_session(mmap_settings: Path) -> None:
+def test_without_the_fallback_a_rotated_secret_ends_the_session(either_store: str) -> None:
     with override_settings(SECRET_KEY=OLD_SECRET):
         s = engine.SessionStore()
         s["user"] = 7
@@ -307,7 +321,7 @@ def test_without_the_fallback_a_rotated_secret_ends_the_session(mmap_settings: P
     assert not fresh.exists(key) and fresh.load() == {} and fresh.session_key is None
 
 
-def test_a_logout_under_the_fallback_key_is_never_undone_by_the_move(mmap_settings: Path) -> None:
+def test_a_logout_under_the_fallback_key_is_never_undone_by_the_move(either_store: str) -> None:
     with override_settings(SECRET_KEY=OLD_SECRET):
         s = engine.SessionStore()
         s["user"] = 7
@@ -321,3 +335,46 @@ def test_a_logout_under_the_fallback_key_is_never_undone_by_the_move(mmap_settin
         with pytest.raises(UpdateError):
             writer.save()
         assert not engine.SessionStore(key).exists(key)
+
+
+def test_on_redis_a_save_sends_only_what_changed(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with override_settings(PREFORK_SESSIONS={"redis_url": redis_url}):
+        s = engine.SessionStore()
+        s.update({"a": 1, "big": "x" * 10_000, "gone": 1})
+        s.save()
+        again = engine.SessionStore(s.session_key)
+        assert again["a"] == 1
+        store = engine.get_store()
+        assert isinstance(store, RedisStore)
+        sent: list[tuple[Any, ...]] = []
+        send = store.client.execute_command
+        monkeypatch.setattr(store.client, "execute_command",
+                            lambda *a, **k: sent.append(a) or send(*a, **k))
+        again["a"] = 2
+        del again["gone"]
+        again.save()
+        assert [a[0] for a in sent] == ["EVALSHA"]  # one script, no read first
+        assert sum(len(x) for x in sent[0] if isinstance(x, bytes)) < 1000  # not the 10 kB value
+        monkeypatch.undo()
+        assert engine.SessionStore(s.session_key).load() == {"a": 2, "big": "x" * 10_000}
+        store.clear()
+    engine.close_stores()
+
+
+def test_on_redis_a_record_stored_whole_converts_as_it_loads(redis_url: str) -> None:
+    with override_settings(PREFORK_SESSIONS={"redis_url": redis_url}):
+        s = engine.SessionStore()
+        key = "w" * 32
+        store = engine.get_store()
+        assert isinstance(store, RedisStore)
+        # What `prefork-sessions import` writes from a session file: the record, whole.
+        store.set(engine.store_key(key), s.encode({"user": 5}).encode(), expire=900)
+        loaded = engine.SessionStore(key)
+        assert loaded.load() == {"user": 5}
+        rkey = store.redis_key(engine.store_key(key))
+        assert store.client.type(rkey) == b"hash" and 890_000 < store.client.pttl(rkey) <= 900_000
+        loaded["more"] = 1
+        loaded.save()
+        assert engine.SessionStore(key).load() == {"user": 5, "more": 1}
+        store.clear()
+    engine.close_stores()
