@@ -13,6 +13,10 @@ Three suites, each its own table with its own baseline (--suite, default all):
             Flask-Session on redis-server and on cachelib's FileSystemCache.
   django    Django's signed_cookies engine (the baseline); prefork_sessions.django
             on MmapStore; Django's cache (LocMemCache), file and db (sqlite) engines.
+  redis     both on one redis-server: Flask-Session (the baseline) and the
+            werkzeug demo on RedisStore (gunicorn_conf.py with
+            PREFORK_SESSIONS_REDIS_URL), each writing its counter every request
+            (stress/bench_redis.py runs this suite after its store figures).
 
 Every Flask and Django engine runs twice: a counter written on every request,
 and the session only read; each is compared with the baseline of its kind.
@@ -40,7 +44,8 @@ per request, so the workers take turns) must see its counter count.
 
 Prints the tables, the targets (werkzeug: read >= 0.95x, counter and demo >=
 0.85x hello-world; Flask and Django: ours >= 0.9x the signed-cookie baseline,
->= 2x Flask-Session and Django's db engine) with PASS/FAIL marks, and the
+>= 2x Flask-Session and Django's db engine; redis: the demo >= 1.5x
+Flask-Session) with PASS/FAIL marks, and the
 machine.  Exit status 1 when a run broke (non-2xx answers, socket errors, no
 requests, a session that did not hold, a server that would not start); a
 missed target fails the exit status only with --enforce-targets.
@@ -91,6 +96,7 @@ class Variant:
     init: str = "/init"  # starts a session (answers {"visits": 1})
     peek: str = "/peek"  # reads the counter; the demo's own page increments it
     tally: bool = True  # the app tallies requests without a session
+    redis: bool = False  # sessions on the private redis-server (PREFORK_SESSIONS_REDIS_URL points at it)
 
 
 def _variants() -> list[Variant]:
@@ -100,7 +106,8 @@ def _variants() -> list[Variant]:
         Variant("read", "werkzeug", "session read, MmapStore", "hello", "session_id", write=False),
         Variant("counter", "werkzeug", "session written every request, MmapStore", "hello", "session_id"),
         Variant("diskcache", "werkzeug", "session written every request, diskcache", "hello", "session_id"),
-        Variant("redis", "werkzeug", "session written every request, redis-server", "hello", "session_id"),
+        Variant("redis", "werkzeug", "session written every request, redis-server", "hello", "session_id",
+                redis=True),
         Variant("demo", "werkzeug", "werkzeug demo (prefork_sessions.demo), written every request", "hello",
                 "session_id", app="werkzeug", init="/", peek="/", tally=False),
     ]
@@ -121,19 +128,25 @@ def _variants() -> list[Variant]:
             suffix, what = ("", "written every request") if write else ("-read", "read")
             for name, label, state in names:
                 out.append(Variant(f"{suite}-{name}{suffix}", suite, f"{label}, {what}",
-                                   f"{suite}-cookie{suffix}", cookie, state, write))
+                                   f"{suite}-cookie{suffix}", cookie, state, write, redis=name == "redis"))
+    out += [
+        Variant("redis-flask-session", "redis", "Flask-Session, redis-server, written every request",
+                "redis-flask-session", "session", app='bench_apps:make("flask-redis")', redis=True),
+        Variant("redis-demo", "redis", "werkzeug demo on RedisStore, written every request",
+                "redis-flask-session", "session_id", app="werkzeug", init="/", peek="/", tally=False, redis=True),
+    ]
     return out
 
 
 VARIANTS = {v.key: v for v in _variants()}
-SUITES = ("werkzeug", "flask", "django")
+SUITES = ("werkzeug", "flask", "django", "redis")
 # (variant, reference, minimum of variant / reference)
 TARGETS = [("read", "hello", 0.95), ("counter", "hello", 0.85), ("demo", "hello", 0.85)] + [
     (f"{s}-ours{m}", f"{s}-{peer}{m}", ratio)
     for s, peers in (("flask", (("cookie", 0.9), ("redis", 2.0), ("cachelib", 2.0))),
                      ("django", (("cookie", 0.9), ("db", 2.0))))
     for m in ("", "-read") for peer, ratio in peers
-]
+] + [("redis-demo", "redis-flask-session", 1.5)]
 
 LUA = """
 local cookies = {%s}
@@ -288,7 +301,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=[*SUITES, "all"], default="all",
-                   help="which table(s): werkzeug, flask, django or all [all]")
+                   help="which table(s): werkzeug, flask, django, redis or all [all]")
     p.add_argument("--processes", "--workers", type=int, default=2, help="gunicorn workers [2]")
     p.add_argument("--threads", type=int, default=1,
                    help="threads per worker: 1 sync workers, >1 gthread (gunicorn_conf.py's default: 4) [1]")
@@ -341,11 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     C.hard_timeout(ns.timeout, "bench_http", cleanup=stop_all)
     with tempfile.TemporaryDirectory(prefix="stress-bench-http-", dir=ns.dir) as tmp, \
             contextlib.ExitStack() as stack:
-        env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(C.HERE), str(C.REPO),
-                                                           os.environ.get("PYTHONPATH")])),
-               "BENCH_SECRET": secrets.token_hex(32)}  # Flask's and Django's SECRET_KEY, every worker
-        if {"redis", "flask-redis", "flask-redis-read"} & set(ns.only):
-            env["BENCH_REDIS_PORT"] = str(stack.enter_context(redis_server(tmp)))
+        redis = any(VARIANTS[k].redis for k in ns.only)
+        env = base_env(stack.enter_context(redis_server(tmp)) if redis else None)
         status = 0
         for suite in SUITES:
             variants = [VARIANTS[k] for k in ns.only if VARIANTS[k].suite == suite]
@@ -358,6 +368,16 @@ def main(argv: list[str] | None = None) -> int:
         return status
 
 
+def base_env(redis_port: int | None) -> dict[str, str]:
+    """What every server's environment adds: stress/ and the checkout on PYTHONPATH, one
+    secret, and the private redis-server's port (BENCH_REDIS_PORT) when there is one."""
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(C.HERE), str(C.REPO), os.environ.get("PYTHONPATH")])),
+           "BENCH_SECRET": secrets.token_hex(32)}  # Flask's and Django's SECRET_KEY, every worker
+    if redis_port is not None:
+        env["BENCH_REDIS_PORT"] = str(redis_port)
+    return env
+
+
 def server_env(v: Variant, tmp: Path, env: dict[str, str]) -> dict[str, str]:
     """The environment of ``v``'s server: its own files under tmp/<key>."""
     d = tmp / v.key
@@ -366,6 +386,8 @@ def server_env(v: Variant, tmp: Path, env: dict[str, str]) -> dict[str, str]:
                BENCH_CACHELIB_DIR=str(d / "cachelib"), BENCH_DJANGO_FILES=str(d / "files"),
                BENCH_DJANGO_DB=str(d / "db.sqlite3"), BENCH_DJANGO_VARIANT=v.key)
     (d / "files").mkdir(exist_ok=True)
+    if v.redis:  # the demo's store, and the gunicorn hook's check, on the private redis-server
+        out["PREFORK_SESSIONS_REDIS_URL"] = f"redis://127.0.0.1:{int(env['BENCH_REDIS_PORT'])}/0"
     return out
 
 
@@ -379,7 +401,10 @@ def migrate(v: Variant, tmp: Path, env: dict[str, str]) -> None:
 
 
 def run_suite(ns: argparse.Namespace, suite: str, variants: list[Variant], tmp: Path,
-              base_env: dict[str, str], servers: list[LiveGunicorn]) -> int:
+              base_env: dict[str, str], servers: list[LiveGunicorn],
+              summary: dict[str, Any] | None = None) -> int:
+    """Measure ``variants``, print the suite's table; 1 when a run broke.  ``summary``,
+    if given, receives each variant's medians and the targets (stress/bench_redis.py)."""
     kind = "sync" if ns.threads == 1 else f"gthread ({ns.threads} threads)"
     report = C.Report(
         f"bench_http, {suite}: gunicorn -c gunicorn_conf.py, {ns.processes} {kind} workers, {ns.loader} "
@@ -462,11 +487,14 @@ def run_suite(ns: argparse.Namespace, suite: str, variants: list[Variant], tmp: 
 
     keys = {v.key for v in variants}
     lines = ["| target | by requests/s | by worker CPU | mark |", "|---|---|---|---|"]
+    targets = []
     for a, b, want in TARGETS:
         if a in keys and b in keys:
             ratio, by_cpu = median_ratio(a, b), median_ratio(a, b, "cpu")
             mark = "PASS" if ratio >= want else "FAIL"
             lines.append(f"| {a} >= {want:.2f}x {b} | {ratio:.2f}x | {by_cpu:.2f}x | {mark} |")
+            targets.append({"target": f"HTTP {a} >= {want:.1f}x {b} (requests/s)", "value": ratio,
+                            "ok": ratio >= want, "by_cpu": by_cpu})
             if ns.enforce_targets:
                 report.check(f"{a} >= {want:.2f}x {b}", ratio >= want, f"{ratio:.2f}x")
     if len(lines) > 2:
@@ -481,6 +509,13 @@ def run_suite(ns: argparse.Namespace, suite: str, variants: list[Variant], tmp: 
         report.note(inproc)
     if profile:
         report.note(profile)
+    if summary is not None:
+        summary["variants"] = {v.key: {"label": v.label, "rate": statistics.median(r["rate"] for r in results[v.key]),
+                                       "cpu_us": statistics.median(r["cpu_us"] for r in results[v.key]),
+                                       "ratio": median_ratio(v.key, v.baseline),
+                                       "cpu_ratio": median_ratio(v.key, v.baseline, "cpu")} for v in variants}
+        summary["targets"] = targets
+        summary["table"] = report.render()
     return report.finish()
 
 
