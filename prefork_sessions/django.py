@@ -16,6 +16,12 @@ stops the app at start-up, and with gunicorn's ``--preload`` the master opens it
 ``prefork_sessions.gunicorn.post_fork`` then reopens it in each worker before the
 worker drops to ``--user``.  A forked worker would also reopen it by itself.
 
+On Redis (``redis_url``) each session is a HASH, a field per key in
+``SESSION_SERIALIZER``'s form, and a save sends only what changed
+(``_redis_sessions``).  For a 503 with ``Retry-After`` instead of a 500 while
+Redis is unreachable, use ``prefork_sessions.django.SessionMiddleware`` in place
+of Django's (it is Django's, plus that).
+
 Rules
 -----
 1. The store never holds a session key: a record lives under
@@ -43,6 +49,7 @@ Rules
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -53,10 +60,14 @@ from django.contrib.sessions.backends.base import (  # type: ignore[import-untyp
     SessionBase,
     UpdateError,
 )
+from django.contrib.sessions.middleware import (  # type: ignore[import-untyped]
+    SessionMiddleware as DjangoSessionMiddleware,
+)
+from django.http import HttpRequest, HttpResponse  # type: ignore[import-untyped]
 
 from ._base import StoreBase
 from ._django_cache import MmapCache
-from ._errors import InvalidArgumentError, SessionStoreError
+from ._errors import InvalidArgumentError, SessionStoreError, StoreUnavailableError
 from ._records import Stored
 from ._redis import RedisStore
 from ._redis_sessions import HashRecords
@@ -64,9 +75,12 @@ from ._serializers import Codec
 from ._session import MAX_LIFETIME, Plan, StoreKeys, changes, merge_changes, now
 from ._shared import close_shared, shared_mmap, shared_redis
 from ._store import DEFAULT_CACHE_SIZE, default_path
+from ._wsgi import RETRY_AFTER
 
-__all__ = ["KEY_PREFIX", "SETTING", "MmapCache", "SessionStore", "close_stores", "get_store",
-           "session_store_path", "store_key"]
+__all__ = ["KEY_PREFIX", "SETTING", "MmapCache", "SessionMiddleware", "SessionStore",
+           "close_stores", "get_store", "session_store_path", "store_key", "unavailable"]
+
+log = logging.getLogger("prefork_sessions")
 
 SETTING = "PREFORK_SESSIONS"
 KEY_PREFIX = "django.session:"
@@ -351,6 +365,38 @@ class SessionStore(SessionBase):  # type: ignore[misc]  # SessionBase is untyped
     @classmethod
     def clear_expired(cls) -> None:
         get_store().purge()
+
+
+def unavailable(e: StoreUnavailableError) -> HttpResponse:
+    """The answer when the session store cannot be reached (Redis went away): 503
+    with ``Retry-After`` and no cookie, logged once."""
+    log.error("session store unavailable, answering 503 (Retry-After: %d): %s", RETRY_AFTER, e)
+    response = HttpResponse(
+        "The service is unavailable for a moment; try again shortly.\n",
+        status=503, content_type="text/plain; charset=utf-8",
+    )
+    response["Retry-After"] = str(RETRY_AFTER)
+    return response
+
+
+class SessionMiddleware(DjangoSessionMiddleware):  # type: ignore[misc]  # untyped base
+    """Django's SessionMiddleware, answering 503 with ``Retry-After`` instead of a 500
+    when the session store cannot be reached, while a view uses the session or as
+    the session saves.  Use it in MIDDLEWARE in place of
+    ``django.contrib.sessions.middleware.SessionMiddleware``; the next request tries
+    the store again, so service resumes by itself when it returns."""
+
+    def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
+        if isinstance(exception, StoreUnavailableError):
+            return unavailable(exception)
+        return None
+
+    def process_response(self, request: HttpRequest, response: HttpResponse) -> HttpResponse:
+        try:
+            out: HttpResponse = super().process_response(request, response)
+        except StoreUnavailableError as e:
+            return unavailable(e)
+        return out
 
 
 if settings.configured and getattr(settings, "SESSION_ENGINE", None) == __name__:

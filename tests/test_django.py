@@ -36,6 +36,7 @@ from django.core.management import call_command
 from django.http import HttpRequest, JsonResponse
 from django.test import Client, SimpleTestCase, override_settings
 from django.urls import path
+from test_outage import Server
 
 from prefork_sessions import InvalidArgumentError, MmapStore, RedisStore
 from prefork_sessions import django as engine
@@ -106,7 +107,17 @@ def logout(request: HttpRequest) -> JsonResponse:
     return JsonResponse({})
 
 
-urlpatterns = [path("incr", incr), path("login", login), path("logout", logout)]
+_outage: list[Server] = []  # the server test_redis_going_away_* stops in a view
+
+
+def incr_then_lose_redis(request: HttpRequest) -> JsonResponse:
+    request.session["n"] = request.session.get("n", 0) + 1
+    _outage[0].stop()  # gone between the view and the save
+    return JsonResponse({"n": request.session["n"]})
+
+
+urlpatterns = [path("incr", incr), path("login", login), path("logout", logout),
+               path("incr-then-lose-redis", incr_then_lose_redis)]
 
 
 def test_test_client_round_trip(mmap_settings: Path) -> None:
@@ -378,3 +389,29 @@ def test_on_redis_a_record_stored_whole_converts_as_it_loads(redis_url: str) -> 
         assert engine.SessionStore(key).load() == {"user": 5, "more": 1}
         store.clear()
     engine.close_stores()
+
+
+def test_redis_going_away_answers_503_and_service_resumes(tmp_path: Path) -> None:
+    server = Server(tmp_path)
+    server.start()
+    _outage[:] = [server]
+    try:
+        with override_settings(PREFORK_SESSIONS={"redis_url": server.url},
+                               MIDDLEWARE=["prefork_sessions.django.SessionMiddleware"]):
+            client = Client(raise_request_exception=False)
+            assert client.get("/incr").json() == {"n": 1}
+            server.stop()
+            for url in ("/incr", "/incr"):  # the view's load fails, every time
+                down = client.get(url)
+                assert down.status_code == 503 and down["Retry-After"] == "5"
+                assert settings.SESSION_COOKIE_NAME not in down.cookies
+            server.start()
+            assert client.get("/incr").json() == {"n": 1}  # back (this server keeps nothing)
+            lost = client.get("/incr-then-lose-redis")  # the save fails
+            assert lost.status_code == 503 and lost["Retry-After"] == "5"
+            assert settings.SESSION_COOKIE_NAME not in lost.cookies
+            server.start()
+            assert client.get("/incr").json() == {"n": 1}
+    finally:
+        server.stop()
+        engine.close_stores()
