@@ -185,3 +185,101 @@ def test_a_failed_retention_run_keeps_the_ops_figures(monkeypatch: pytest.Monkey
     assert code == 1
     assert r["errors"] == ["MmapStore (raw) (retention): RuntimeError: injected"]
     assert set(r["summary"]) == {"MmapStore (raw)", "MmapStore (json)"} and r["retention"] == {}
+
+
+# --------------------------------------------------------------------------- stress/bench_redis.py
+
+BENCH_REDIS = os.path.join(ROOT, "stress", "bench_redis.py")
+REDIS_PROCS = 3
+
+
+@pytest.fixture(scope="module")
+def redis_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One tiny bounded run of every row and the HTTP suite, as JSON."""
+    assert shutil.which("redis-server"), "redis-server missing: apt-get install redis-server"
+    p = subprocess.run(
+        [sys.executable, BENCH_REDIS, "--processes", str(REDIS_PROCS), "--seconds", "0.3", "--rounds", "2",
+         "--http-seconds", "0.5", "--http-warmup", "0", "--http-sessions", "4", "--json", "--timeout", "120",
+         "--dir", str(tmp_path_factory.mktemp("bench_redis"))],
+        check=False, capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    report: dict[str, Any] = json.loads(p.stdout)
+    return report
+
+
+def load_redis_bench(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "stress"))  # its _common and bench_store
+    spec = importlib.util.spec_from_file_location("bench_redis_under_test", BENCH_REDIS)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_redis_bench_measures_every_row(redis_report: dict[str, Any]) -> None:
+    r = redis_report
+    assert r["failures"] == [], r["failures"]
+    assert r["skipped"] == {}, f"benchmark peers missing, install them as .ci/run does: {r['skipped']}"
+    rows = ["counter-get_and_set", "counter-watch", "counter-get+set", "session-get_and_set", "session-watch",
+            "session-get+set", "session-ours", "session-flask-session", "session-django-redis-sessions"]
+    assert list(r["summary"]) == rows
+    for key in rows:
+        assert len(r["rounds"][key]) == 2
+        for rnd in r["rounds"][key]:
+            assert len(rnd["per_process"]) == REDIS_PROCS and all(n > 0 for n in rnd["per_process"]), (key, rnd)
+            assert rnd["rate"] > 0 and rnd["server_calls"] > 0 and rnd["problems"] == []
+        s = r["summary"][key]
+        assert s["updates"] == sum(x["updates"] for x in r["rounds"][key])
+        assert s["sent_per_update"] >= 1 and s["server_calls_per_update"] >= 1
+    for key in ("counter-get_and_set", "counter-watch", "session-get_and_set", "session-watch", "session-ours"):
+        assert r["summary"][key]["lost"] == 0, key
+    for key in ("counter-get+set", "session-get+set", "session-flask-session"):
+        assert r["summary"][key]["sent_per_update"] == 2.0, key  # one GET, one SET: nothing else
+        assert r["summary"][key]["retries"] is None
+    for key in ("counter-watch", "session-watch"):
+        s = r["summary"][key]  # WATCH GET MULTI SET EXEC per attempt
+        assert s["calls_per_update"]["watch"] >= 1 and s["sent_per_update"] >= 5 and s["retries"] >= 0
+    assert r["rounds"]["counter-get+set"][0]["stored"][0] <= r["rounds"]["counter-get+set"][0]["updates"]
+
+
+def test_redis_bench_marks_every_target(redis_report: dict[str, Any]) -> None:
+    targets = [t["target"] for t in redis_report["targets"]]
+    assert targets == [
+        "counter-get_and_set: 0 lost updates", "session-get_and_set: 0 lost updates",
+        "session-ours: 0 lost updates", "counter-get_and_set: <= 3 commands sent per update",
+        "session-get_and_set: <= 3 commands sent per update",
+        "counter-get_and_set >= 1.5x counter-watch (updates/s)",
+        "session-get_and_set >= 1.5x session-watch (updates/s)", "session-ours >= 3.0x session-watch (updates/s)",
+        "HTTP redis-demo >= 1.5x redis-flask-session (requests/s)"]
+    assert all(isinstance(t["ok"], bool) and t["value"] >= 0 for t in redis_report["targets"])
+    http = redis_report["http"]["variants"]
+    assert set(http) == {"redis-flask-session", "redis-demo"} and all(v["rate"] > 0 for v in http.values())
+    m = redis_report["machine"]
+    assert m["cores"] >= 1 and m["python"] and re.match(r"\d+\.\d+", m["versions"]["redis-server"]), m
+
+
+def test_redis_bench_table_and_broken_invariants_reported_loudly(redis_report: dict[str, Any],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = load_redis_bench(monkeypatch)
+    out = bench.render(redis_report).render()
+    t = table_with(out, "updates/s")
+    assert t[0] == ["row", "updates/s", "x WATCH loop", "commands sent / update", "server calls / update",
+                    "retries / update", "lost updates", "updates"]
+    assert [r[0] for r in t[1:]] == [bench.ROWS[k].label + (" (baseline)" if k.endswith("-watch") else "")
+                                     for k in redis_report["summary"]]
+    for row in t[1:]:
+        assert NUMBER.match(row[1]) and NUMBER.match(row[7]), row
+        assert row[2].endswith("x") and float(row[3]) >= 1, row
+    assert re.search(r"\| session-ours >= 3\.0x session-watch \(updates/s\) \| \d+\.\d\dx \| (PASS|FAIL) \|", out)
+    assert "Machine: " in out and "redis-server " in out, out
+
+    r = json.loads(json.dumps(redis_report))
+    r["rounds"]["session-ours"][1]["lost"] = 5
+    r["rounds"]["counter-get+set"][0]["sent"] += 1
+    bad, _ = bench.failures(r["rounds"], {k: bench.summarise(rs) for k, rs in r["rounds"].items()})
+    assert [name for name, _ in bad] == ["counter-get+set: client and server count the same commands",
+                                         "session-ours: no update lost"]
+    assert bad[1] == ("session-ours: no update lost", "5 lost")
+    r["failures"] = bad
+    assert "FAIL session-ours: no update lost: 5 lost" in bench.render(r).render()
