@@ -1,8 +1,9 @@
 """The demo as a Django project in one module:
 ``PREFORK_SESSIONS_APP=django gunicorn -c gunicorn_conf.py``.
 
-The same pages as ``prefork_sessions.demo`` (see ``_demo``), with Django's own
-``SessionMiddleware`` and ``request.session`` on ``SESSION_ENGINE =
+The same pages as ``prefork_sessions.demo`` (see ``_demo``), with Django's
+``SessionMiddleware`` (ours: Django's plus a 503 while Redis is unreachable) and
+``request.session`` on ``SESSION_ENGINE =
 "prefork_sessions.django"``, on the store the environment names
 (``PREFORK_SESSIONS = {"path": ..., "redis_url": ...}`` from the same variables as
 the other demos).  ``SECRET_KEY`` is ``PREFORK_SESSIONS_SECRET``; gunicorn_conf.py
@@ -39,7 +40,7 @@ def _settings() -> dict[str, Any]:
         "ROOT_URLCONF": __name__,
         "ALLOWED_HOSTS": ["127.0.0.1", "localhost", "[::1]"],
         "INSTALLED_APPS": ["django.contrib.sessions"],
-        "MIDDLEWARE": ["django.contrib.sessions.middleware.SessionMiddleware"],
+        "MIDDLEWARE": ["prefork_sessions.django.SessionMiddleware"],  # Django's, 503 on outages
         "SESSION_ENGINE": "prefork_sessions.django",
         "PREFORK_SESSIONS": store,
         "USE_TZ": True,
