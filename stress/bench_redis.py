@@ -582,7 +582,7 @@ def fmt_value(t: dict[str, Any]) -> str:
     v = t["value"]
     if "x " in t["target"]:
         return f"{v:.2f}x"
-    return f"{v:.2f}" if isinstance(v, float) else f"{v:,}"
+    return f"{v:.3f}" if isinstance(v, float) else f"{v:,}"  # 3.001 is not <= 3: show it
 
 
 def targets_table(targets: list[dict[str, Any]]) -> str:
@@ -608,7 +608,7 @@ def render(report: dict[str, Any]) -> C.Report:
         lost = f"{s['lost']:,}" + (f" ({s['lost'] / s['updates']:.0%})" if s["lost"] and s["updates"] else "")
         retries = "-" if s["retries"] is None else f"{per_update(s['retries'], s['updates']):.2f}"
         rep.row(ROWS[key].label + (" (baseline)" if key == base else ""), round(s["rate"]),
-                "-" if r is None else f"{r:.2f}x", f"{s['sent_per_update']:.2f}",
+                "-" if r is None else f"{r:.2f}x", f"{s['sent_per_update']:.3f}",
                 f"{s['server_calls_per_update']:.2f}", retries, lost, s["updates"])
     for key, why in report["skipped"].items():
         rep.row(f"{key}: not run", "-", "-", "-", "-", "-", "-", why)
