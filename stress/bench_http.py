@@ -600,6 +600,14 @@ def tallies(v: Variant, tmp: Path, loaded: list[int], ns: argparse.Namespace) ->
     return {"checks": checks, "lost_cell": cell}
 
 
+def bench_apps_name(v: Variant) -> str:
+    """The name stress/bench_apps.py builds ``v``'s app by (its key, unless ``v.app`` says otherwise)."""
+    made = re.fullmatch(r'bench_apps:make\("([^"]+)"\)', v.app)
+    if made:
+        return made.group(1)
+    return "demo" if v.app == "werkzeug" else v.key
+
+
 def inprocess_costs(variants: list[Variant], tmp: Path, envs: dict[str, dict[str, str]], n: int) -> str:
     """Microseconds per request of each app called directly (no HTTP, no gunicorn), each in a
     fresh process (Django configures itself once per process); for the werkzeug suite also
@@ -613,10 +621,12 @@ def inprocess_costs(variants: list[Variant], tmp: Path, envs: dict[str, dict[str
                    BENCH_INPROCESS_DIR=str(tmp / "inprocess"))
         env.pop("BENCH_TALLY_DIR")
         (tmp / "inprocess").mkdir(exist_ok=True)
-        p = subprocess.run([sys.executable, str(C.HERE / "bench_apps.py"), str(n), *(v.key for v in group)],
+        names = [bench_apps_name(v) for v in group]
+        p = subprocess.run([sys.executable, str(C.HERE / "bench_apps.py"), str(n), *names],
                            env=env, cwd=C.HERE, capture_output=True, text=True, timeout=600, check=False)
         if p.returncode == 0:
-            cost.update(json.loads(p.stdout.strip().splitlines()[-1]))
+            got = json.loads(p.stdout.strip().splitlines()[-1])
+            cost.update((v.key, got[name]) for v, name in zip(group, names))
         else:
             failed.update((v.key, (p.stderr.strip().splitlines() or ["?"])[-1]) for v in group)
     lines = []

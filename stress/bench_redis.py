@@ -592,7 +592,7 @@ def targets_table(targets: list[dict[str, Any]]) -> str:
 
 
 def breakdown(s: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {v:.2f}" for k, v in list(s["calls_per_update"].items())[:6]) or "-"
+    return ", ".join(f"{k} {v:.2f}" for k, v in s["calls_per_update"].items()) or "-"
 
 
 def render(report: dict[str, Any]) -> C.Report:
