@@ -226,6 +226,25 @@ def _lock_busy(fd: int, path: str, exclusive: bool, wait: float) -> LockTimeoutE
     )
 
 
+def temporary_path(path: str) -> str:
+    """A new name beside ``path`` for a file that will replace it (``resize``), of the
+    form that ``remove_stale_temporaries`` removes once its maker is dead."""
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def remove_stale_temporaries(path: str) -> None:
+    """Remove what makers of a file for ``path`` left behind when they died (as
+    creation does before it builds a file)."""
+    try:
+        dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return  # opening the file itself reports what is wrong with its directory
+    try:
+        _remove_stale_temporaries(dfd, os.path.basename(path))
+    finally:
+        os.close(dfd)
+
+
 def _no_store(path: str) -> StorePathError:
     return StorePathError(
         f"there is no store file at {path}; nothing was created. Check the path (a store file "
