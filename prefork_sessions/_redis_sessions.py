@@ -17,7 +17,7 @@ session.  Every write is one script, so it is atomic and costs one round trip:
   ``e`` has passed (a concurrent logout or expiry): no resurrection.
 - ``write`` replaces the whole HASH (a new or rotated session), optionally only
   when the key is absent (a create) or present (an update).
-- ``load`` reads the HASH in one script.  A session stored whole as a string (by
+- ``load`` is one HGETALL.  A session stored whole as a string (by
   ``prefork-sessions import`` from a store file, or by an older release) is
   converted to a HASH as it loads, if it did not change meanwhile, keeping its
   remaining lifetime: moving live sessions from a file to Redis needs no
@@ -60,14 +60,6 @@ local function hdel(key, from, to)
     i = j + 1
   end
 end
-"""
-
-# -> {1, fields...} for a HASH, {2, value} for a string, {0} for none.
-_LOAD = """
-local t = redis.call('TYPE', KEYS[1]).ok
-if t == 'hash' then return {1, redis.call('HGETALL', KEYS[1])} end
-if t == 'string' then return {2, redis.call('GET', KEYS[1])} end
-return {0}
 """
 
 # ARGV: the string as loaded, then (name, value) pairs.  1 if converted.
@@ -114,7 +106,7 @@ redis.call('PEXPIRE', k, ARGV[2])
 return 1
 """
 
-_NO_FIELDS: list[bytes] = []
+_RAISE: Any = object()
 
 
 _WHERE = "a session in Redis"  # never the URL: it may hold a password
@@ -145,7 +137,7 @@ class HashRecords:
     ``_records.record``), for conversion as it loads.
     """
 
-    __slots__ = ("_codec", "_convert", "_errors", "_load", "_merge", "_store", "_whole", "_write")
+    __slots__ = ("_client", "_codec", "_convert", "_errors", "_merge", "_store", "_whole", "_write")
 
     def __init__(
         self,
@@ -160,7 +152,7 @@ class HashRecords:
         self._codec = store.codec if codec is None else codec
         self._whole = self._whole_record if whole is None else whole
         client = store.client
-        self._load = client.register_script(_LOAD)
+        self._client = client
         self._convert = client.register_script(_CONVERT)
         self._write = client.register_script(_WRITE)
         self._merge = client.register_script(_MERGE)
@@ -170,9 +162,17 @@ class HashRecords:
 
     def _call(self, script: Any, key: str, args: Sequence[Any]) -> Any:
         rkey = self._store.redis_key(key)
+        return self._reaching(script, keys=[rkey], args=args)
+
+    def _reaching(self, command: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``command(*args, **kwargs)``, redis-py's errors raised as ours; with
+        ``wrong_type=x`` given, x when the key holds another type."""
+        wrong_type = kwargs.pop("wrong_type", _RAISE)
         try:
-            return script(keys=[rkey], args=args)
+            return command(*args, **kwargs)
         except Exception as e:
+            if wrong_type is not _RAISE and str(e).startswith("WRONGTYPE"):
+                return wrong_type
             down = self._store.unavailable(e)
             if down is not None:
                 raise down from e
@@ -200,30 +200,31 @@ class HashRecords:
     # ------------------------------------------------------------------ SessionRecords
 
     def load(self, key: str, now: float) -> Stored | None:
+        rkey = self._store.redis_key(key)
         for _ in range(2):  # a second time only when a string changed while converting
-            reply = self._call(self._load, key, ())
-            if reply[0] == 1:
-                return self._parse(reply[1], now)
-            if reply[0] == 0:
-                return None
-            stored = self._whole(reply[1], now)
+            # A plain HGETALL, no script: the one command of most requests.
+            fields = self._reaching(self._client.hgetall, rkey, wrong_type=None)
+            if fields is not None:
+                return self._parse(fields, now)
+            raw = self._reaching(self._client.get, rkey, wrong_type=None)  # stored whole?
+            stored = None if raw is None else self._whole(raw, now)  # None: a list, a set...
             if stored is None:
                 return None
             fields = [_EXPIRES, _stamp(stored.expires), b"n", b"%d" % len(stored.flashes)]
             fields += self._fields(stored.data, stored.data, key)
             fields += self._flash_fields(stored.flashes, key)
-            if self._call(self._convert, key, [reply[1], *fields]):
+            if self._call(self._convert, key, [raw, *fields]):
                 ids = [_FLASH + b"%d" % n for n in range(1, len(stored.flashes) + 1)]
                 return stored._replace(flash_ids=ids)
         return None
 
-    def _parse(self, flat: list[bytes], now: float) -> Stored | None:
+    def _parse(self, fields: dict[bytes, bytes], now: float) -> Stored | None:
+        """The session in a HASH's ``fields`` ({} when there is none)."""
         decode, where = self._codec.decode, _WHERE
         data: dict[str, Any] = {}
         flashes: list[tuple[int, bytes, list[Any]]] = []
         expires = math.nan
-        for i in range(0, len(flat) - 1, 2):
-            name, value = flat[i], flat[i + 1]
+        for name, value in fields.items():
             if name.startswith(_DATA):
                 try:
                     data[name[2:].decode()] = decode(value, where)

@@ -79,11 +79,11 @@ def test_a_load_and_a_merge_are_one_command_each(
     sent = Sent(store.client, monkeypatch)
     s = manager.open([sid])
     s["a"] = 10
-    assert sent == ["EVALSHA"]  # the load
+    assert sent == ["HGETALL"]  # the load
     del s["b"]
     s["c"] = "new"
     assert manager.finish(s, 200).plan is Plan.MERGE
-    assert sent == ["EVALSHA", "EVALSHA"]  # the merge: no GET, HGETALL, WATCH or MULTI
+    assert sent == ["HGETALL", "EVALSHA"]  # the merge: no GET, HGETALL, WATCH or MULTI
     assert dict(manager.open([sid])) == {"a": 10, "c": "new"}
 
 
@@ -259,3 +259,13 @@ def test_sent_records_what_is_sent(store: RedisStore, monkeypatch: pytest.Monkey
     store.set("x", 1)
     store.get("x")
     assert sent == ["SET", "GET"]
+
+
+def test_a_key_of_another_type_is_no_session(store: RedisStore, manager: SessionManager) -> None:
+    sid = _session.new_session_id()
+    store.client.rpush(store.redis_key(manager.store_key(sid)), b"x")
+    s = manager.open([sid])
+    assert s.new and dict(s) == {}
+    s["a"] = 1
+    assert manager.finish(s, 200).plan is Plan.WHOLE  # under a fresh id: the list is not touched
+    assert s.id != sid and store.client.type(store.redis_key(manager.store_key(sid))) == b"list"
