@@ -175,7 +175,9 @@ def flask_app(engine: str, write: bool) -> Any:
         if engine == "flask-redis":
             import redis
 
-            app.config.update(SESSION_TYPE="redis", SESSION_REDIS=redis.Redis.from_url(_redis_url()))
+            # JSON, as ours stores (Flask-Session's default is msgpack): like for like
+            app.config.update(SESSION_TYPE="redis", SESSION_REDIS=redis.Redis.from_url(_redis_url()),
+                              SESSION_SERIALIZATION_FORMAT="json")
         else:
             from cachelib import FileSystemCache
 
