@@ -30,13 +30,23 @@ from prefork_sessions._args import MAX_LIFETIME, MAX_TIMEOUT, lifetime
 Store = MmapStore | RedisStore
 
 
-@pytest.fixture(params=["mmap", "redis"])
-def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+KINDS = ["mmap", "redis", "cluster"]
+
+
+def make_kind(request: pytest.FixtureRequest, path: Path, **kw: Any) -> Store:
+    """A store of kind ``request.param``: an mmap file at ``path``, RedisStore on the
+    worker's redis-server, or RedisStore on its local 3-master Redis Cluster."""
     if request.param == "mmap":
-        store: Store = MmapStore(tmp_path / "s", cache_size=1 << 20, page_size=16 << 10)
-    else:
-        url = request.getfixturevalue("redis_url")
-        store = RedisStore(url, prefix=f"test:{uuid.uuid4().hex}:")
+        return MmapStore(path, cache_size=1 << 20, page_size=16 << 10, **kw)
+    prefix = f"test:{uuid.uuid4().hex}:"
+    if request.param == "redis":
+        return RedisStore(request.getfixturevalue("redis_url"), prefix=prefix, **kw)
+    return RedisStore(client=request.getfixturevalue("cluster_client")(), prefix=prefix, **kw)
+
+
+@pytest.fixture(params=KINDS)
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    store = make_kind(request, tmp_path / "s")
     yield store
     store.close()
 
@@ -131,18 +141,13 @@ def test_redis_store_refuses_an_empty_prefix(redis_url: str) -> None:
 # ---------------------------------------------------------------- bad input, refused alike by both
 
 
-@pytest.fixture(params=["mmap", "redis"])
+@pytest.fixture(params=KINDS)
 def make_any(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Store]]:
     """A factory for stores of one kind with extra keyword arguments (closed at teardown)."""
     made: list[Store] = []
 
     def make(**kw: Any) -> Store:
-        store: Store
-        if request.param == "mmap":
-            store = MmapStore(tmp_path / f"s{len(made)}", cache_size=1 << 20, page_size=16 << 10, **kw)
-        else:
-            url = request.getfixturevalue("redis_url")
-            store = RedisStore(url, prefix=f"test:{uuid.uuid4().hex}:", **kw)
+        store = make_kind(request, tmp_path / f"s{len(made)}", **kw)
         made.append(store)
         return store
 
