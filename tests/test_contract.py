@@ -320,10 +320,10 @@ def test_redis_store_socket_timeout_reaches_the_client(redis_url: str) -> None:
     with RedisStore(redis_url, prefix=f"test:{uuid.uuid4().hex}:", socket_timeout=2.5) as store:
         store.set("k", 1)
         assert store.get("k") == 1
-        kwargs = store._client.connection_pool.connection_kwargs
+        kwargs = store.client.connection_pool.connection_kwargs
         assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (2.5, 2.5)
         store.reopen()  # a new client, same timeout
-        assert store._client.connection_pool.connection_kwargs["socket_timeout"] == 2.5
+        assert store.client.connection_pool.connection_kwargs["socket_timeout"] == 2.5
     import redis
 
     with pytest.raises(InvalidArgumentError, match="set it on the client"):
