@@ -38,7 +38,7 @@ class SerializationError(SessionStoreError, TypeError, ValueError):
 
 
 class LockTimeoutError(SessionStoreError, TimeoutError):
-    """A page lock was not acquired within the store's ``lock_timeout``."""
+    """A lock (a page's; on Redis, a key's) was not acquired within the store's ``lock_timeout``."""
 
 
 class ReentrantCallError(SessionStoreError, RuntimeError):

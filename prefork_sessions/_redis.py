@@ -28,6 +28,9 @@ from ._args import lifetime, timeout
 from ._base import RedisStats, StoreBase
 from ._errors import (
     InvalidArgumentError,
+    NoSpaceError,
+    SerializationError,
+    SessionStoreError,
     StoreClosedError,
     StoreUnavailableError,
     ValueTooLargeError,
@@ -61,10 +64,10 @@ def _reaching(method: Callable[P, R]) -> Callable[P, R]:
         except Exception as e:
             store = args[0]
             assert isinstance(store, RedisStore)
-            down = store.unavailable(e)
-            if down is None:
+            ours = store.error_for(e)
+            if ours is None:
                 raise
-            raise down from e
+            raise ours from e
 
     return call
 
@@ -167,6 +170,33 @@ class RedisStore(StoreBase):
     def _connect(self) -> Any:
         retry = self._redis.retry.Retry(self._redis.backoff.NoBackoff(), RETRIES)
         return self._redis.Redis.from_url(self.url, retry=retry, **self._socket_args)
+
+    def error_for(self, e: BaseException) -> SessionStoreError | None:
+        """The error of our tree that redis-py's error ``e`` means (None for any other
+        exception): StoreUnavailableError when the server cannot be reached or cannot
+        serve now (a replica, loading, a cluster without a master for the slot);
+        NoSpaceError at ``maxmemory``; SerializationError for a key that holds
+        another Redis type than this store's operation needs; SessionStoreError else."""
+        down = self.unavailable(e)
+        if down is not None or not isinstance(e, self._redis.exceptions.RedisError):
+            return down
+        x, text = self._redis.exceptions, str(e)
+        if isinstance(e, (x.ReadOnlyError, x.TryAgainError, x.MasterDownError)):
+            return self.unavailable(x.ConnectionError(text))  # a failover, a resharding
+        if isinstance(e, x.OutOfMemoryError):
+            return NoSpaceError(
+                f"Redis is full ({text}); nothing was changed. Raise maxmemory, or choose a "
+                "maxmemory-policy that evicts (volatile-lru keeps keys without an expiry)."
+            )
+        if text.startswith("WRONGTYPE"):
+            return SerializationError(
+                f"a key holds another Redis type than this operation works on ({text}): it was "
+                "written by something else (a session is a HASH: read it through the session "
+                "layer). Nothing was changed."
+            )
+        return SessionStoreError(
+            f"Redis refused the command ({type(e).__name__}: {text}); nothing was changed."
+        )
 
     def unavailable(self, e: BaseException) -> StoreUnavailableError | None:
         """The StoreUnavailableError that redis-py's error ``e`` means, or None when

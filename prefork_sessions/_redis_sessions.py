@@ -30,7 +30,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from ._errors import SerializationError, SessionStoreError
+from ._errors import SerializationError
 from ._records import FAR_FUTURE, Stored, When, is_flash, parse_stored
 from ._redis import RedisStore
 from ._serializers import Codec
@@ -137,7 +137,7 @@ class HashRecords:
     ``_records.record``), for conversion as it loads.
     """
 
-    __slots__ = ("_client", "_codec", "_convert", "_errors", "_merge", "_store", "_whole", "_write")
+    __slots__ = ("_codec", "_convert", "_merge", "_store", "_whole", "_write")
 
     def __init__(
         self,
@@ -145,14 +145,11 @@ class HashRecords:
         codec: Codec | None = None,
         whole: Callable[[bytes, float], Stored | None] | None = None,
     ) -> None:
-        import redis
-
         self._store = store
-        self._errors = redis.exceptions.RedisError
         self._codec = store.codec if codec is None else codec
         self._whole = self._whole_record if whole is None else whole
+        # Scripts run on the store's client of the moment (reopen() replaces it).
         client = store.client
-        self._client = client
         self._convert = client.register_script(_CONVERT)
         self._write = client.register_script(_WRITE)
         self._merge = client.register_script(_MERGE)
@@ -162,7 +159,7 @@ class HashRecords:
 
     def _call(self, script: Any, key: str, args: Sequence[Any]) -> Any:
         rkey = self._store.redis_key(key)
-        return self._reaching(script, keys=[rkey], args=args)
+        return self._reaching(script, keys=[rkey], args=args, client=self._store.client)
 
     def _reaching(self, command: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``command(*args, **kwargs)``, redis-py's errors raised as ours; with
@@ -173,15 +170,10 @@ class HashRecords:
         except Exception as e:
             if wrong_type is not _RAISE and str(e).startswith("WRONGTYPE"):
                 return wrong_type
-            down = self._store.unavailable(e)
-            if down is not None:
-                raise down from e
-            if isinstance(e, self._errors):
-                raise SessionStoreError(
-                    f"Redis refused a session operation ({type(e).__name__}: {e}); nothing was "
-                    "changed. Check the server's log and its maxmemory setting."
-                ) from e
-            raise
+            ours = self._store.error_for(e)
+            if ours is None:
+                raise
+            raise ours from e
 
     def _fields(self, data: Mapping[str, Any], keys: Iterable[str], key: str) -> list[Any]:
         encode = self._codec.encode
@@ -203,10 +195,11 @@ class HashRecords:
         rkey = self._store.redis_key(key)
         for _ in range(2):  # a second time only when a string changed while converting
             # A plain HGETALL, no script: the one command of most requests.
-            fields = self._reaching(self._client.hgetall, rkey, wrong_type=None)
+            client = self._store.client
+            fields = self._reaching(client.hgetall, rkey, wrong_type=None)
             if fields is not None:
                 return self._parse(fields, now)
-            raw = self._reaching(self._client.get, rkey, wrong_type=None)  # stored whole?
+            raw = self._reaching(client.get, rkey, wrong_type=None)  # stored whole?
             stored = None if raw is None else self._whole(raw, now)  # None: a list, a set...
             if stored is None:
                 return None

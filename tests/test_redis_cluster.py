@@ -46,8 +46,10 @@ def every_key(store: RedisStore, prefix: str) -> list[bytes]:
     """Every Redis key under ``prefix`` on every primary, asked of each node directly."""
     found: list[bytes] = []
     for node in store.client.get_primaries():
-        client = store.client.get_redis_connection(node)
-        found += client.keys(prefix.encode() + b"*")
+        # A client of its own per node: the cluster client's node objects may be
+        # replaced under it (a refresh of the slot map) while a test polls.
+        with redis.Redis(host=node.host, port=node.port, socket_timeout=5) as client:
+            found += client.keys(prefix.encode() + b"*")
     return found
 
 

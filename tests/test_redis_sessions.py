@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 import pytest
 
-from prefork_sessions import RedisStore, SerializationError, _session
+from prefork_sessions import NoSpaceError, RedisStore, SerializationError, _session
 from prefork_sessions._session import Plan, SessionManager, SessionOptions
 
 LIFETIME = 3600.0
@@ -248,7 +248,7 @@ def test_flask_sessions_are_hashes_of_tagged_values(redis_url: str) -> None:
     assert client.get("/get").json == {"t": repr((1, b"\x00")), "n": 2}
     store = interface.store_for(app)
     assert isinstance(store, RedisStore)
-    (key,) = store.keys()
+    (key,) = [k for k in store if str(k).startswith(interface.key_prefix)]
     stored = store.client.hgetall(store.redis_key(key))
     assert orjson.loads(stored[b"d:n"]) == 2 and b" t" in stored[b"d:t"]  # Flask's tag
 
@@ -269,3 +269,44 @@ def test_a_key_of_another_type_is_no_session(store: RedisStore, manager: Session
     s["a"] = 1
     assert manager.finish(s, 200).plan is Plan.WHOLE  # under a fresh id: the list is not touched
     assert s.id != sid and store.client.type(store.redis_key(manager.store_key(sid))) == b"list"
+
+
+def test_sessions_use_the_client_of_a_reopened_store(
+    store: RedisStore, manager: SessionManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sid = new_session(manager, a=1)
+    store.close()
+    store.reopen()  # a store made from a URL gets a new client
+    sent = Sent(store.client, monkeypatch)
+    s = manager.open([sid])
+    s["a"] = 2
+    assert manager.finish(s, 200).plan is Plan.MERGE
+    assert sent == ["HGETALL", "EVALSHA"]
+    assert dict(manager.open([sid])) == {"a": 2}
+
+
+def test_store_calls_on_a_session_hash_raise_our_error(store: RedisStore, manager: SessionManager) -> None:
+    sid = new_session(manager, a=1)
+    key = manager.store_key(sid)
+    for call in (lambda: store.get(key), lambda: store.get_and_set(key, lambda v: v)):
+        with pytest.raises(SerializationError, match="another Redis type"):
+            call()
+    assert dict(manager.open([sid])) == {"a": 1}  # nothing was changed
+
+
+def test_a_full_redis_raises_no_space_and_keeps_the_session(
+    store: RedisStore, manager: SessionManager
+) -> None:
+    sid = new_session(manager, a=1)
+    client = store.client
+    used = int(client.info("memory")["used_memory"])
+    old = client.config_get("maxmemory")["maxmemory"]
+    client.config_set("maxmemory", max(1, used // 2))  # noeviction (the default): writes refused
+    try:
+        s = manager.open([sid])
+        s["big"] = "x" * 100_000
+        with pytest.raises(NoSpaceError, match="maxmemory"):
+            manager.finish(s, 200)
+    finally:
+        client.config_set("maxmemory", old)
+    assert dict(manager.open([sid])) == {"a": 1}
