@@ -310,3 +310,73 @@ def test_a_full_redis_raises_no_space_and_keeps_the_session(
     finally:
         client.config_set("maxmemory", old)
     assert dict(manager.open([sid])) == {"a": 1}
+
+
+@pytest.mark.parametrize("front", ["werkzeug", "flask"])
+def test_sessions_moved_from_a_file_by_export_and_import_go_on_in_redis(
+    redis_url: str, tmp_path: Any, front: str
+) -> None:
+    """The migration README describes: sessions made on a file, `prefork-sessions export |
+    prefork-sessions import --redis-url`, the same cookies then served from Redis."""
+    import subprocess
+    import sys
+
+    from werkzeug.test import Client
+    from werkzeug.wrappers import Request, Response
+
+    from prefork_sessions import MmapStore, with_session
+
+    prefix = f"moved{next(_prefixes)}:"
+    secret = "s" * 40
+
+    def app_on(store: Any) -> Client:
+        if front == "flask":
+            import flask
+
+            from prefork_sessions.flask import PreforkSessionInterface
+
+            fapp = flask.Flask(__name__)
+            fapp.secret_key = secret
+            fapp.session_interface = PreforkSessionInterface(store)
+
+            @fapp.get("/")
+            def count() -> Any:
+                flask.session["n"] = flask.session.get("n", 0) + 1
+                flask.session["t"] = (1, 2)  # a tagged value
+                return {"n": flask.session["n"]}
+
+            return Client(fapp)
+
+        @with_session(store, secret=secret)
+        def app(request: Request) -> Response:
+            session = request.session  # type: ignore[attr-defined]
+            session["n"] = session.get("n", 0) + 1
+            return Response(orjson.dumps({"n": session["n"]}), mimetype="application/json")
+
+        return Client(app)
+
+    path = tmp_path / "sessions"
+    file_store = MmapStore(path, cache_size=1 << 20)
+    before = app_on(file_store)
+    clients = [Client(before.application) for _ in range(3)]
+    for c in clients:
+        for _ in range(2):
+            c.get("/")
+    file_store.close()
+
+    def cli(*args: str, stdin: bytes = b"") -> bytes:
+        done = subprocess.run([sys.executable, "-m", "prefork_sessions", *args], input=stdin,
+                              capture_output=True, timeout=60, check=True)
+        return done.stdout
+
+    cli("import", "--redis-url", redis_url, "--prefix", prefix, stdin=cli("export", str(path)))
+    store = RedisStore(redis_url, prefix=prefix)
+    try:
+        after = app_on(store)
+        for c in clients:
+            c.application = after.application
+            assert orjson.loads(c.get("/").get_data()) == {"n": 3}  # the same session, in Redis
+        assert {store.client.type(store.redis_key(k)) for k in store.keys()} == {b"hash"}
+    finally:
+        store.clear()
+        store.close()
