@@ -376,7 +376,7 @@ def test_sessions_moved_from_a_file_by_export_and_import_go_on_in_redis(
         for c in clients:
             c.application = after.application
             assert orjson.loads(c.get("/").get_data()) == {"n": 3}  # the same session, in Redis
-        assert {store.client.type(store.redis_key(k)) for k in store.keys()} == {b"hash"}
+        assert {store.client.type(store.redis_key(k)) for k in store} == {b"hash"}
     finally:
         store.clear()
         store.close()
