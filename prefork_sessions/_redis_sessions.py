@@ -41,25 +41,19 @@ _EXPIRES = b"e"
 _DATA = b"d:"
 _FLASH = b"f:"
 
-# Sets fields from ARGV[from..to] (name, value pairs), in chunks that stay far
-# below Lua's limit on unpack()ed arguments.
+# ``command`` (HSET, HDEL) on ARGV[from..to], in chunks of 200 (whole name, value
+# pairs for HSET) that stay far below Lua's limit on unpack()ed arguments.
 _HSET = """
-local function hset(key, from, to)
+local function chunked(command, key, from, to)
   local i = from
   while i <= to do
     local j = math.min(i + 199, to)
-    redis.call('HSET', key, unpack(ARGV, i, j))
+    redis.call(command, key, unpack(ARGV, i, j))
     i = j + 1
   end
 end
-local function hdel(key, from, to)
-  local i = from
-  while i <= to do
-    local j = math.min(i + 199, to)
-    redis.call('HDEL', key, unpack(ARGV, i, j))
-    i = j + 1
-  end
-end
+local function hset(key, from, to) chunked('HSET', key, from, to) end
+local function hdel(key, from, to) chunked('HDEL', key, from, to) end
 """
 
 # ARGV: the string as loaded, then (name, value) pairs.  1 if converted.
