@@ -21,7 +21,8 @@ session.  Every write is one script, so it is atomic and costs one round trip:
   ``prefork-sessions import`` from a store file, or by an older release) is
   converted to a HASH as it loads, if it did not change meanwhile, keeping its
   remaining lifetime: moving live sessions from a file to Redis needs no
-  downtime.
+  downtime.  (A merge that finds a string, rewritten meanwhile by a process of
+  an older release, writes nothing, as for a session gone: run one release.)
 """
 
 from __future__ import annotations
