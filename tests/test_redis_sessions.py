@@ -51,6 +51,14 @@ def fields(store: RedisStore, manager: SessionManager, sid: str) -> dict[bytes, 
     return found
 
 
+def warm_up(manager: SessionManager) -> None:
+    """A merge on a session of its own: the server has the scripts afterwards (a
+    script's first use on a server adds NOSCRIPT and SCRIPT LOAD)."""
+    warm = manager.open([new_session(manager, a=1)])
+    warm["a"] = 2
+    assert manager.finish(warm, 200).plan is Plan.MERGE
+
+
 def new_session(manager: SessionManager, **data: Any) -> str:
     s = manager.open([])
     s.update(data)
@@ -72,9 +80,7 @@ def test_a_session_is_a_hash_with_a_field_per_key(store: RedisStore, manager: Se
 def test_a_load_and_a_merge_are_one_command_each(
     store: RedisStore, manager: SessionManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    warm = manager.open([new_session(manager, a=1)])
-    warm["a"] = 2
-    manager.finish(warm, 200)  # the server has the scripts now (a first use adds SCRIPT LOAD)
+    warm_up(manager)
     sid = new_session(manager, a=1, b=2)
     sent = Sent(store.client, monkeypatch)
     s = manager.open([sid])
@@ -274,6 +280,7 @@ def test_a_key_of_another_type_is_no_session(store: RedisStore, manager: Session
 def test_sessions_use_the_client_of_a_reopened_store(
     store: RedisStore, manager: SessionManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    warm_up(manager)
     sid = new_session(manager, a=1)
     store.close()
     store.reopen()  # a store made from a URL gets a new client
