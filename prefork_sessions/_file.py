@@ -229,7 +229,12 @@ def _lock_busy(fd: int, path: str, exclusive: bool, wait: float) -> LockTimeoutE
 def temporary_path(path: str) -> str:
     """A new name beside ``path`` for a file that will replace it (``resize``), of the
     form that ``remove_stale_temporaries`` removes once its maker is dead."""
-    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    return os.path.join(os.path.dirname(path), _temporary_name(os.path.basename(path)))
+
+
+def _temporary_name(name: str) -> str:
+    """``.<name>.<pid>.<token>.tmp``: the form ``_remove_stale_temporaries`` knows."""
+    return f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
 
 
 def remove_stale_temporaries(path: str) -> None:
@@ -419,7 +424,7 @@ def _new_file(dfd: int, path: str, name: str) -> tuple[int, str | None]:
             except OSError as e:
                 if e.errno not in _NO_TMPFILE:
                     raise
-        tmp = f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        tmp = _temporary_name(name)
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         return os.open(tmp, flags, 0o600, dir_fd=dfd), tmp
     except PermissionError:

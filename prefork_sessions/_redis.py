@@ -120,9 +120,9 @@ class RedisStore(StoreBase):
             DEFAULT_SOCKET_TIMEOUT if socket_timeout is None else socket_timeout, "socket_timeout"
         )
         self.socket_timeout: float | None = seconds
+        """Seconds each answer may take (None: a client passed without one)."""
         self._lock_timeout = timeout(lock_timeout, "lock_timeout")
         self._lock_lease = timeout(lock_lease, "lock_lease")
-        """Seconds each answer may take (None: a client passed without one)."""
         self._socket_args: dict[str, Any] = {"socket_timeout": seconds, "socket_connect_timeout": seconds}
         self._redis = redis
         self._down_errors = (

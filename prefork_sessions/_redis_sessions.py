@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from ._errors import SerializationError
 from ._records import FAR_FUTURE, Stored, When, is_flash, parse_stored
@@ -101,7 +101,6 @@ redis.call('PEXPIRE', k, ARGV[2])
 return 1
 """
 
-_RAISE: Any = object()
 
 
 _WHERE = "a session in Redis"  # never the URL: it may hold a password
@@ -132,7 +131,7 @@ class HashRecords:
     ``_records.record``), for conversion as it loads.
     """
 
-    __slots__ = ("_codec", "_convert", "_merge", "_store", "_whole", "_write")
+    __slots__ = ("_codec", "_convert", "_merge", "_redis_error", "_store", "_whole", "_write")
 
     def __init__(
         self,
@@ -140,7 +139,10 @@ class HashRecords:
         codec: Codec | None = None,
         whole: Callable[[bytes, float], Stored | None] | None = None,
     ) -> None:
+        import redis
+
         self._store = store
+        self._redis_error = redis.exceptions.RedisError
         self._codec = store.codec if codec is None else codec
         self._whole = self._whole_record if whole is None else whole
         # Scripts run on the store's client of the moment (reopen() replaces it).
@@ -154,21 +156,26 @@ class HashRecords:
 
     def _call(self, script: Any, key: str, args: Sequence[Any]) -> Any:
         rkey = self._store.redis_key(key)
-        return self._reaching(script, keys=[rkey], args=args, client=self._store.client)
-
-    def _reaching(self, command: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """``command(*args, **kwargs)``, redis-py's errors raised as ours; with
-        ``wrong_type=x`` given, x when the key holds another type."""
-        wrong_type = kwargs.pop("wrong_type", _RAISE)
         try:
-            return command(*args, **kwargs)
-        except Exception as e:
-            if wrong_type is not _RAISE and str(e).startswith("WRONGTYPE"):
-                return wrong_type
-            ours = self._store.error_for(e)
-            if ours is None:
-                raise
-            raise ours from e
+            return script(keys=[rkey], args=args, client=self._store.client)
+        except self._redis_error as e:
+            self._raise_as_ours(e)
+
+    def _read(self, command: Callable[[bytes], Any], rkey: bytes) -> Any:
+        """``command(rkey)``, or None when the key holds another Redis type."""
+        try:
+            return command(rkey)
+        except self._redis_error as e:
+            if str(e).startswith("WRONGTYPE"):
+                return None
+            self._raise_as_ours(e)
+
+    def _raise_as_ours(self, e: BaseException) -> NoReturn:
+        """Raise redis-py's error ``e`` as the store's error of our tree (error_for
+        has one for every RedisError)."""
+        ours = self._store.error_for(e)
+        assert ours is not None
+        raise ours from e
 
     def _fields(self, data: Mapping[str, Any], keys: Iterable[str], key: str) -> list[Any]:
         encode = self._codec.encode
@@ -191,10 +198,10 @@ class HashRecords:
         for _ in range(2):  # a second time only when a string changed while converting
             # A plain HGETALL, no script: the one command of most requests.
             client = self._store.client
-            fields = self._reaching(client.hgetall, rkey, wrong_type=None)
+            fields = self._read(client.hgetall, rkey)
             if fields is not None:
                 return self._parse(fields, now)
-            raw = self._reaching(client.get, rkey, wrong_type=None)  # stored whole?
+            raw = self._read(client.get, rkey)  # stored whole?
             stored = None if raw is None else self._whole(raw, now)  # None: a list, a set...
             if stored is None:
                 return None
